@@ -1,0 +1,14 @@
+"""largevocab: memory-efficient losses for huge output vocabularies (LLMs and recommenders).
+
+The N x V logits of the output layer are never materialised: see :func:`linear_cross_entropy`.
+"""
+
+from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_with_lse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_lse",
+]

@@ -1,0 +1,467 @@
+"""Triton backend of the exact linear + cross-entropy ("cut CE"): the N x V logits never reach global memory.
+
+Forward: each program owns BLOCK_N rows and one slice of the vocabulary; it builds logit tiles on chip
+(fp32 accumulation over D), keeps an online log-sum-exp, the target logit and (for label smoothing) the sum of
+the logits. The slices are merged in O(N * splits) with torch. Only the per-token LSE is saved for backward.
+
+Backward recomputes each tile, turns it into d loss / d logits on chip and accumulates dH = dZ @ W,
+dW = dZ^T @ H and dbias = sum_n dZ into float32 buffers, either with atomics from one fused kernel (default)
+or, under ``torch.use_deterministic_algorithms(True)``, with two kernels in which every program owns its output
+rows and walks the other axis in a fixed order (bit-identical across runs, one extra recompute of the logits).
+
+Under ``TRITON_INTERPRET=1`` (CPU) the same kernels run with one fixed configuration and float16/bfloat16 tiles
+upcast to float32, because the interpreter's low-precision arithmetic is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import CEOptions, combine_loss
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Slots of the per-call scalar tensor: passed in the accumulation dtype because Triton's scalar arguments are
+# float32, which would round e.g. 1 - label_smoothing in float64 gradchecks.
+PARAM_SOFTCAP: tl.constexpr = 0
+PARAM_ONE_MINUS_EPS: tl.constexpr = 1
+PARAM_EPS_OVER_V: tl.constexpr = 2
+PARAM_FILTER_EPS: tl.constexpr = 3
+# The forward splits the vocabulary so that at least this many programs per SM keep the GPU busy at small N.
+PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice's tanh is not available under the interpreter; this form saturates to +-1 at +-inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """softcap(H[offs_n] @ W[offs_v]^T + b[offs_v]) as a (BLOCK_N, BLOCK_V) tile; rows/cols past N/V read zeros."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d[None, :] < D
+        h = tl.load(h_rows + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
+        w = tl.load(w_rows + d[None, :], mask=mask_v[:, None] & mask_d, other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(ACC_DTYPE)[None, :]
+    if HAS_SOFTCAP:
+        softcap = tl.load(param_ptr + PARAM_SOFTCAP)
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, param_ptr, N, V, D, stride_hn, stride_wv, v_per_split,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per (row block, vocabulary slice): running max, sum of exp, target logit and logit sum -> part[4, S, N]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=ACC_DTYPE)
+    sum_exp = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    tgt_logit = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    logit_sum = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        s = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, v_hi, D, stride_hn, stride_wv, param_ptr,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+        )
+        in_vocab = (offs_v < v_hi)[None, :]
+        s_masked = tl.where(in_vocab, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s_masked, axis=1))
+        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(s_masked - m_new[:, None]), axis=1)
+        m = m_new
+        tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], s, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            logit_sum += tl.sum(tl.where(in_vocab, s, 0.0), axis=1)
+
+    out = part_ptr + pid_s.to(tl.int64) * N + offs_n
+    plane = n_splits.to(tl.int64) * N
+    tl.store(out, m, mask=mask_n)
+    tl.store(out + plane, sum_exp, mask=mask_n)
+    tl.store(out + 2 * plane, tgt_logit, mask=mask_n)
+    if HAS_SMOOTHING:
+        tl.store(out + 3 * plane, logit_sum, mask=mask_n)
+
+
+@triton.jit
+def _grad_tile(
+    s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, param_ptr,
+    HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+):
+    """d loss / d logits of a tile, and whether it is kept by the gradient filter.
+
+    delta = a_n * p - (1 - eps) * [v == y_n] - eps / V is d loss_n / d s_nv with a_n = 1 + 2 z lse_n; the tile
+    is skipped when |delta| < filter_eps everywhere (rows with zero upstream gradient excluded).
+    """
+    one_minus_eps = tl.load(param_ptr + PARAM_ONE_MINUS_EPS)
+    eps_over_v = tl.load(param_ptr + PARAM_EPS_OVER_V)
+    mask_n = offs_n < N
+    tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    a = tl.load(a_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    live = (offs_v < V)[None, :] & mask_n[:, None]
+    p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
+    onehot = offs_v[None, :] == tgt[:, None]
+    delta = a[:, None] * p - tl.where(onehot, one_minus_eps, 0.0) - eps_over_v
+    delta = tl.where(live & (g != 0.0)[:, None], delta, 0.0)
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.max(tl.abs(delta), axis=1), axis=0) >= tl.load(param_ptr + PARAM_FILTER_EPS)
+    ds = g[:, None] * delta
+    if HAS_GRAD_LSE:
+        gl = tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0)
+        ds += gl[:, None] * p
+    if HAS_SOFTCAP:
+        t = s / tl.load(param_ptr + PARAM_SOFTCAP)
+        ds = ds * (1.0 - t * t)
+    return ds, keep
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dh_ptr, dw_ptr, db_ptr,
+    param_ptr, N, V, D, stride_hn, stride_wv,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One tile per program; dH, dW, dbias accumulated with float32 atomics (fast, not bit-reproducible)."""
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    s = _logits_tile(
+        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+    )
+    dz, keep = _grad_tile(
+        s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, param_ptr,
+        HAS_SOFTCAP, HAS_GRAD_LSE, FILTER,
+    )
+    if keep:
+        mask_n = offs_n < N
+        mask_v = offs_v < V
+        if NEED_DB:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+        if not UPCAST:
+            dz = dz.to(h_ptr.dtype.element_ty)
+        offs_d = tl.arange(0, BLOCK_D)
+        h_rows = offs_n.to(tl.int64)[:, None] * stride_hn
+        w_rows = offs_v.to(tl.int64)[:, None] * stride_wv
+        dh_rows = offs_n.to(tl.int64)[:, None] * D
+        dw_rows = offs_v.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            mask_d = d[None, :] < D
+            if NEED_DH:
+                w = tl.load(w_ptr + w_rows + d[None, :], mask=mask_v[:, None] & mask_d, other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                tl.atomic_add(dh_ptr + dh_rows + d[None, :], dh, mask=mask_n[:, None] & mask_d)
+            if NEED_DW:
+                h = tl.load(h_ptr + h_rows + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                tl.atomic_add(dw_ptr + dw_rows + d[None, :], dw, mask=mask_v[:, None] & mask_d)
+
+
+@triton.jit
+def _ce_bwd_dh_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dh_ptr,
+    param_ptr, N, V, D, stride_hn, stride_wv,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Deterministic dH: a program owns BLOCK_N rows of dH and walks the vocabulary in order."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)
+    dh_rows = dh_ptr + offs_n.to(tl.int64)[:, None] * D
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        s = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+        )
+        dz, keep = _grad_tile(
+            s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, param_ptr,
+            HAS_SOFTCAP, HAS_GRAD_LSE, FILTER,
+        )
+        if keep:
+            if not UPCAST:
+                dz = dz.to(h_ptr.dtype.element_ty)
+            w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+            mask_v = offs_v < V
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                mask = mask_n[:, None] & (d[None, :] < D)
+                w = tl.load(w_rows + d[None, :], mask=mask_v[:, None] & (d[None, :] < D), other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.load(dh_rows + d[None, :], mask=mask, other=0.0)
+                dh += tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                tl.store(dh_rows + d[None, :], dh, mask=mask)
+
+
+@triton.jit
+def _ce_bwd_dw_kernel(
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dw_ptr, db_ptr,
+    param_ptr, N, V, D, stride_hn, stride_wv,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Deterministic dW and dbias: a program owns BLOCK_V rows of dW and walks the tokens in order."""
+    pid_v = tl.program_id(0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    offs_d = tl.arange(0, BLOCK_D)
+    dw_rows = dw_ptr + offs_v.to(tl.int64)[:, None] * D
+    db = tl.zeros((BLOCK_V,), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+        )
+        dz, keep = _grad_tile(
+            s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, param_ptr,
+            HAS_SOFTCAP, HAS_GRAD_LSE, FILTER,
+        )
+        if keep:
+            db += tl.sum(dz, axis=0)
+            if not UPCAST:
+                dz = dz.to(h_ptr.dtype.element_ty)
+            h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+            mask_n = offs_n < N
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                mask = mask_v[:, None] & (d[None, :] < D)
+                h = tl.load(h_rows + d[None, :], mask=mask_n[:, None] & (d[None, :] < D), other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.load(dw_rows + d[None, :], mask=mask, other=0.0)
+                dw += tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                tl.store(dw_rows + d[None, :], dw, mask=mask)
+    if NEED_DB:
+        tl.store(db_ptr + offs_v, db, mask=mask_v)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# The interpreter costs ~2 ms per program per loop step, so it gets large tiles; BLOCK_D stays small enough
+# that tests with D > BLOCK_D walk the D loop more than once.
+_INTERPRET_CONFIG = _LaunchConfig(BLOCK_N=128, BLOCK_V=512, BLOCK_D=64)
+
+
+def _config(dtype: torch.dtype, backward: bool) -> _LaunchConfig:
+    if INTERPRET:
+        return _INTERPRET_CONFIG
+    if dtype == torch.float64:
+        return _LaunchConfig(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=2)
+    block_d = 64 if dtype in _LOW_PRECISION else 32
+    if backward:
+        return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3)
+    return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=4)
+
+
+def _constexprs(hidden: torch.Tensor) -> dict:
+    dtype = hidden.dtype
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    return {
+        "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
+        "UPCAST": INTERPRET and dtype in _LOW_PRECISION,
+        "DOT_PRECISION": precision,
+    }
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Rows may be strided (stride(0) is passed to the kernels); elements within a row must be adjacent."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _num_splits(n_row_blocks: int, vocab: int, block_v: int, device: torch.device) -> int:
+    if INTERPRET:
+        return min(2, triton.cdiv(vocab, block_v))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, n_row_blocks), triton.cdiv(vocab, block_v)))
+
+
+def _params(opts: CEOptions, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    values = [0.0] * 4
+    values[PARAM_SOFTCAP] = opts.softcap or 1.0
+    values[PARAM_ONE_MINUS_EPS] = 1.0 - opts.label_smoothing
+    values[PARAM_EPS_OVER_V] = opts.label_smoothing / vocab
+    values[PARAM_FILTER_EPS] = opts.filter_eps or 0.0
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _forward(hidden, weight, bias, targets, opts: CEOptions, splits: int | None = None):
+    """Per-token (lse, target logit, logit sum or None) of the final logits, in the accumulation dtype."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _config(hidden.dtype, backward=False)
+    consts = _constexprs(hidden)
+    n_blocks = triton.cdiv(n_rows, cfg.BLOCK_N)
+    if splits is None:
+        splits = _num_splits(n_blocks, vocab, cfg.BLOCK_V, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.BLOCK_V) * cfg.BLOCK_V
+    splits = triton.cdiv(vocab, v_per_split)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    part = torch.empty((4, splits, n_rows), dtype=acc, device=hidden.device)
+    _ce_fwd_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden, targets, part, _params(opts, vocab, acc, hidden.device),
+        n_rows, vocab, dim, hidden.stride(0), weight.stride(0), v_per_split,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+    )
+    m, sum_exp, tgt_logit, logit_sum = part.unbind(0)
+    m_max = m.max(dim=0).values
+    lse = m_max + (sum_exp * torch.exp(m - m_max)).sum(dim=0).log()
+    return lse, tgt_logit.sum(dim=0), (logit_sum.sum(dim=0) if opts.label_smoothing else None)
+
+
+def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, needs, deterministic: bool):
+    """(dH, dW, dbias) as float32/float64 buffers (None where not needed)."""
+    need_h, need_w, need_b = needs
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = _config(hidden.dtype, backward=True)
+    consts = _constexprs(hidden)
+    acc = lse.dtype
+    dh = torch.zeros((n_rows, dim), dtype=acc, device=hidden.device) if need_h else None
+    dw = torch.zeros((vocab, dim), dtype=acc, device=hidden.device) if need_w else None
+    db = torch.zeros((vocab,), dtype=acc, device=hidden.device) if need_b else None
+    dummy = lse
+    common = (
+        hidden, weight, bias if bias is not None else dummy, targets, lse, a, g, gl if gl is not None else dummy,
+    )
+    scalars = (_params(opts, vocab, acc, hidden.device), n_rows, vocab, dim, hidden.stride(0), weight.stride(0))
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_GRAD_LSE=gl is not None,
+        FILTER=opts.filter_eps is not None and gl is None,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+    )
+    n_blocks, v_blocks = triton.cdiv(n_rows, cfg.BLOCK_N), triton.cdiv(vocab, cfg.BLOCK_V)
+    if deterministic:
+        if need_h:
+            _ce_bwd_dh_kernel[(n_blocks,)](*common, dh, *scalars, **flags)
+        if need_w or need_b:
+            _ce_bwd_dw_kernel[(v_blocks,)](
+                *common, dw if need_w else dummy, db if need_b else dummy, *scalars, NEED_DB=need_b, **flags
+            )
+    else:
+        _ce_bwd_kernel[(v_blocks, n_blocks)](
+            *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy, *scalars,
+            NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b, **flags,
+        )
+    return dh, dw, db
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+class _TritonLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, valid, opts: CEOptions, splits):
+        lse, tgt_logit, logit_sum = _forward(hidden, weight, bias, targets, opts, splits)
+        loss = combine_loss(lse, tgt_logit, logit_sum, valid, opts, weight.shape[0])
+        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, targets, valid, lse = ctx.saved_tensors
+        opts = ctx.opts
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse)).contiguous()
+        a = (1.0 + 2.0 * opts.z_loss * lse).contiguous()
+        gl = grad_lse.to(lse.dtype).contiguous() if grad_lse is not None else None
+        dh, dw, db = _backward(
+            hidden, weight, bias, targets, lse, a, g, gl, opts, ctx.needs_input_grad[:3],
+            torch.are_deterministic_algorithms_enabled(),
+        )
+        return (
+            dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None, None, None, None,
+        )
+
+
+def triton_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    opts: CEOptions,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(loss, lse)`` of ``hidden`` (N, D) against ``weight`` (V, D): both (N,), float32/float64.
+
+    Same contract as ``largevocab.ops.torch_ce.torch_linear_cross_entropy``; ``splits`` overrides how many
+    vocabulary slices the forward uses (tests use it to cover the merge).
+    """
+    hidden = _rows_contiguous(hidden)
+    weight = _rows_contiguous(weight)
+    bias = bias.contiguous() if bias is not None else None
+    return _TritonLinearCrossEntropy.apply(hidden, weight, bias, targets.contiguous(), valid, opts, splits)
