@@ -317,10 +317,9 @@ def _config(dtype: torch.dtype, backward: bool) -> _LaunchConfig:
 
 def _constexprs(hidden: torch.Tensor) -> dict:
     dtype = hidden.dtype
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
-    else:
-        precision = "ieee"
+    # float32 inputs follow torch's own matmul setting, so "exact" means what F.linear would compute.
+    tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if tf32 else "ieee"
     return {
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
         "UPCAST": INTERPRET and dtype in _LOW_PRECISION,
