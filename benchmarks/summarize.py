@@ -1,0 +1,39 @@
+"""Markdown table of a results CSV from bench_ce.py: time and peak extra memory relative to torch eager.
+
+    python benchmarks/summarize.py benchmarks/results/ce_cpu_2026-11-23.csv [--mode forward+backward]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+BASELINE = "torch_eager"
+
+
+def table(rows: list[dict], mode: str) -> str:
+    rows = [r for r in rows if r["mode"] == mode]
+    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    lines = ["| provider | time (ms) | vs eager | peak extra (MiB) | vs eager | loss error vs float64 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms, peak = float(r["ms"]), int(r["peak_extra_bytes"])
+        rel_t = f"{ms / float(base['ms']):.2f}x" if base else "-"
+        rel_m = f"{peak / int(base['peak_extra_bytes']):.1%}" if base else "-"
+        lines.append(f"| {r['provider']} | {ms:.0f} | {rel_t} | {peak / 2**20:.0f} | {rel_m} | "
+                     f"{float(r['loss_abs_error']):.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv")
+    parser.add_argument("--mode", default="forward+backward")
+    args = parser.parse_args(argv)
+    with open(args.csv) as f:
+        print(table(list(csv.DictReader(f)), args.mode))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Peak-memory measurement used by the demo and the benchmarks (CUDA allocator or the process's RSS on Linux)."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets this process's high-water mark (VmHWM), Linux >= 4.0.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.extra_bytes``: the peak above what was held on entry.
+
+    On CUDA this is the caching allocator's peak; on CPU the process's peak resident set (so run one measured
+    thing per process for a clean number: memory freed to the allocator but kept by it still counts as held).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.extra_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._base = _rss_bytes()
+            _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _peak_rss_bytes()
+        self.extra_bytes = max(0, peak - self._base)

@@ -1,0 +1,74 @@
+"""The README's commands, the demo and the benchmark harness run end to end at tiny sizes (so none can rot)."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(*cmd):
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    readme = read(os.path.join(ROOT, "README.md"))
+    ci = read(os.path.join(ROOT, ".ci", "run"))
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [line for block in blocks for line in block.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2, commands  # one runs the main job, one runs the tests
+    install = "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e \".[test]\""
+    assert all(c.startswith(install + " && ") for c in commands)
+    assert install in ci
+    test_command = commands[1][len(install) + 4:]
+    assert test_command in ci
+
+
+def test_demo_runs_and_agrees():
+    out = run("-m", "largevocab", "demo", "--tokens", "64", "--vocab", "1000", "--dim", "16", "--device", "cpu")
+    assert "same loss: True" in out
+
+
+def test_cli_usage():
+    proc = subprocess.run([sys.executable, "-m", "largevocab", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "demo" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "largevocab", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2
+
+
+def test_benchmark_harness_writes_its_csv(tmp_path):
+    out_csv = tmp_path / "bench.csv"
+    run("benchmarks/bench_ce.py", "--device", "cpu", "--n", "64", "--v", "512", "--d", "16", "--repeats", "1",
+        "--providers", "torch_eager,lv_torch", "--modes", "forward,forward+backward", "--out", str(out_csv))
+    rows = read_csv(out_csv)
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        ("torch_eager", "forward"), ("torch_eager", "forward+backward"),
+        ("lv_torch", "forward"), ("lv_torch", "forward+backward")]
+    for r in rows:
+        assert float(r["ms"]) > 0 and float(r["loss_abs_error"]) < 1e-4 and r["device"]
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.join(ROOT, "benchmarks", "results", f) for f in os.listdir(os.path.join(ROOT, "benchmarks", "results"))
+    if f.endswith(".csv")))
+def test_committed_results_parse(path):
+    rows = read_csv(path)
+    assert rows, path
+    for r in rows:
+        assert r["device"] and r["date"] and float(r["ms"]) > 0 and int(r["peak_extra_bytes"]) >= 0
