@@ -1,0 +1,85 @@
+"""Pure-PyTorch bucketed log-sum-exp for Scalable Cross-Entropy: chunked over buckets, recomputed in backward.
+
+For G buckets, each pairing R rows of ``hidden`` with C rows (items) of ``weight`` by index, it computes
+``lse[g, r] = logsumexp_c(<hidden[rows[g, r]], weight[cols[g, c]]>)`` over the items that are not that row's
+target (those are masked to -inf, so a row whose every candidate is its target gets -inf). Peak extra memory is
+O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Buckets per chunk are chosen so one chunk's logits hold about this many elements (64 MiB in float32).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bucket_logits(hidden, weight, targets, rows, cols):
+    """Masked logits (g, R, C) of a chunk of buckets in the accumulation dtype, and the gathered operands."""
+    xg = hidden[rows]  # (g, R, D)
+    wg = weight[cols]  # (g, C, D)
+    logits = torch.bmm(xg, wg.transpose(1, 2)).to(_acc_dtype(hidden.dtype))
+    hit = cols.unsqueeze(1) == targets[rows].unsqueeze(2)
+    return logits.masked_fill_(hit, float("-inf")), xg, wg
+
+
+class _ChunkedBucketLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, cols, chunk):
+        lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+        for start in range(0, rows.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
+            lse[part] = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        acc = lse.dtype
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, rows.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            logits, xg, wg = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
+            # A bucket row with every candidate masked has lse = -inf and no gradient (not NaN).
+            finite = torch.isfinite(lse[part]).unsqueeze(-1)
+            shift = torch.where(finite, lse[part].unsqueeze(-1), torch.zeros_like(logits[..., :1]))
+            ds = logits.sub_(shift).exp_().mul_(grad_lse[part].unsqueeze(-1).to(acc) * finite)
+            if need_h:
+                dx = torch.bmm(ds, wg.to(acc))
+                grad_h.index_add_(0, rows[part].reshape(-1), dx.reshape(-1, hidden.shape[1]))
+            if need_w:
+                dw = torch.bmm(ds.transpose(1, 2), xg.to(acc))
+                grad_w.index_add_(0, cols[part].reshape(-1), dw.reshape(-1, weight.shape[1]))
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            None, None, None, None,
+        )
+
+
+def torch_bucket_lse(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    chunk_buckets: int | None = None,
+) -> torch.Tensor:
+    """``lse`` (G, R) over each bucket's items, targets masked; ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,),
+    ``rows`` (G, R) and ``cols`` (G, C) int64 indices.
+
+    Torch equivalent: ``(hidden[rows] @ weight[cols].mT).masked_fill(cols[:, None] == targets[rows][..., None],
+    -inf).logsumexp(-1)``, computed ``chunk_buckets`` buckets at a time and recomputed in backward.
+    """
+    if chunk_buckets is None:
+        chunk_buckets = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1] * cols.shape[1]))
+    return _ChunkedBucketLSE.apply(hidden, weight, targets, rows, cols, chunk_buckets)

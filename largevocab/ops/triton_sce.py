@@ -1,0 +1,178 @@
+"""Triton bucketed log-sum-exp for Scalable Cross-Entropy: gathered rows x gathered items, never materialised.
+
+Bucket g pairs R rows of ``hidden`` (indices ``rows[g]``) with C items of ``weight`` (indices ``cols[g]``). The
+forward builds each (BLOCK_R x BLOCK_C) logit tile on chip from rows gathered by index (tensor cores on GPU) and
+keeps an online log-sum-exp over the bucket's items, the row's own target masked to -inf. Backward recomputes the
+tiles and scatters ``ds @ W`` into dH and ``ds^T @ X`` into dW with float32 atomics, so rows and items selected by
+several buckets accumulate correctly. Same interpreter conventions as ``triton_ce`` (upcast 16-bit tiles, one
+fixed configuration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous
+
+
+@triton.jit
+def _bucket_lse_fwd_kernel(
+    h_ptr, w_ptr, tgt_ptr, rows_ptr, cols_ptr, lse_ptr, N, V, D, R, C, stride_hn, stride_wv,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """lse[g, r] over the items of bucket g that are not row r's target; -inf when all are."""
+    g = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    # Padding lanes index row N / item V, which _logits_tile treats as out of range (reads zeros).
+    row = tl.load(rows_ptr + g * R + offs_r, mask=mask_r, other=N)
+    tgt = tl.load(tgt_ptr + row, mask=mask_r, other=-1)
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=ACC_DTYPE)
+    sum_exp = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        col = tl.load(cols_ptr + g * C + offs_c, mask=mask_c, other=V)
+        s = _logits_tile(
+            h_ptr, w_ptr, h_ptr, row, col, N, V, D, stride_hn, stride_wv, h_ptr,
+            False, False, BLOCK_R, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+        )
+        live = mask_c[None, :] & (col[None, :] != tgt[:, None])
+        s = tl.where(live, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # While a row has seen only masked items its max is -inf; shift by 0 then to avoid -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        m = m_new
+    tl.store(lse_ptr + g * R + offs_r, m + tl.log(sum_exp), mask=mask_r)
+
+
+@triton.jit
+def _bucket_lse_bwd_kernel(
+    h_ptr, w_ptr, tgt_ptr, rows_ptr, cols_ptr, lse_ptr, glse_ptr, dh_ptr, dw_ptr,
+    N, V, D, R, C, stride_hn, stride_wv,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (bucket, row block, item block) tile: ds = g * softmax, scattered into dH rows and dW rows."""
+    g = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_r = offs_r < R
+    mask_c = offs_c < C
+    row = tl.load(rows_ptr + g * R + offs_r, mask=mask_r, other=N)
+    col = tl.load(cols_ptr + g * C + offs_c, mask=mask_c, other=V)
+    tgt = tl.load(tgt_ptr + row, mask=mask_r, other=-1)
+    lse = tl.load(lse_ptr + g * R + offs_r, mask=mask_r, other=float("-inf"))
+    glse = tl.load(glse_ptr + g * R + offs_r, mask=mask_r, other=0.0)
+    s = _logits_tile(
+        h_ptr, w_ptr, h_ptr, row, col, N, V, D, stride_hn, stride_wv, h_ptr,
+        False, False, BLOCK_R, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+    )
+    live = mask_c[None, :] & (col[None, :] != tgt[:, None]) & (lse > float("-inf"))[:, None]
+    lse_safe = tl.where(lse > float("-inf"), lse, 0.0)
+    ds = tl.where(live, tl.exp(s - lse_safe[:, None]), 0.0) * glse[:, None]
+    if not UPCAST:
+        ds = ds.to(h_ptr.dtype.element_ty)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_rows = row.to(tl.int64)[:, None] * stride_hn
+    w_rows = col.to(tl.int64)[:, None] * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d[None, :] < D
+        if NEED_DH:
+            w = tl.load(w_ptr + w_rows + d[None, :], mask=mask_c[:, None] & mask_d, other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(ds, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.atomic_add(dh_ptr + row.to(tl.int64)[:, None] * D + d[None, :], dh, mask=mask_r[:, None] & mask_d)
+        if NEED_DW:
+            h = tl.load(h_ptr + h_rows + d[None, :], mask=mask_r[:, None] & mask_d, other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(ds), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.atomic_add(dw_ptr + col.to(tl.int64)[:, None] * D + d[None, :], dw, mask=mask_c[:, None] & mask_d)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    BLOCK_R: int
+    BLOCK_C: int
+    BLOCK_D: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Buckets are small (b_x ~ 2 sqrt(N) rows): 64-row tiles waste little on ragged buckets.
+_INTERPRET_CONFIG = _LaunchConfig(BLOCK_R=64, BLOCK_C=256, BLOCK_D=64)
+
+
+def _config(dtype: torch.dtype) -> _LaunchConfig:
+    if INTERPRET:
+        return _INTERPRET_CONFIG
+    if dtype == torch.float64:
+        return _LaunchConfig(BLOCK_R=32, BLOCK_C=32, BLOCK_D=32)
+    return _LaunchConfig(BLOCK_R=64, BLOCK_C=128, BLOCK_D=64 if dtype in (torch.float16, torch.bfloat16) else 32,
+                         num_warps=4, num_stages=3)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+class _TritonBucketLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, cols):
+        n_buckets, r = rows.shape
+        c = cols.shape[1]
+        cfg = _config(hidden.dtype)
+        consts = _constexprs(hidden)
+        lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+        _bucket_lse_fwd_kernel[(n_buckets, triton.cdiv(r, cfg.BLOCK_R))](
+            hidden, weight, targets, rows, cols, lse, hidden.shape[0], weight.shape[0], hidden.shape[1], r, c,
+            hidden.stride(0), weight.stride(0), BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        )
+        ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        n_buckets, r = rows.shape
+        c = cols.shape[1]
+        cfg = _config(hidden.dtype)
+        consts = _constexprs(hidden)
+        dh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else lse
+        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else lse
+        grid = (n_buckets, triton.cdiv(r, cfg.BLOCK_R), triton.cdiv(c, cfg.BLOCK_C))
+        _bucket_lse_bwd_kernel[grid](
+            hidden, weight, targets, rows, cols, lse, grad_lse.to(lse.dtype).contiguous(), dh, dw,
+            hidden.shape[0], weight.shape[0], hidden.shape[1], r, c, hidden.stride(0), weight.stride(0),
+            NEED_DH=need_h, NEED_DW=need_w, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        )
+        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None, None, None, None)
+
+
+def triton_bucket_lse(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Same contract as ``largevocab.ops.torch_sce.torch_bucket_lse``: ``lse`` (G, R), float32/float64."""
+    return _TritonBucketLSE.apply(
+        _rows_contiguous(hidden), _rows_contiguous(weight), targets.contiguous(), rows.contiguous(),
+        cols.contiguous(),
+    )
