@@ -13,18 +13,15 @@ Results go to a long-format CSV (one row per provider x mode) with the device an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
 
 import torch
 import torch.nn.functional as F
+from harness import append_csv, device_name, run_worker, time_ms, versions
 
 from largevocab.profiling import PeakMemory
 
@@ -78,21 +75,6 @@ def build(provider: str, device: str):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
-def _time(fn, device, repeats) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def worker(args) -> dict:
     """Measure one provider in one mode in this (fresh) process; returns a result row."""
     device, dtype = args.device, DTYPES[args.dtype]
@@ -132,10 +114,10 @@ def worker(args) -> dict:
         step()
         ms = statistics.median(step() * 1e3 for _ in range(args.repeats))
     elif args.mode == "backward":
-        fwd = _time(forward_backward, device, args.repeats)
-        ms = fwd - _time(lambda: fn(hidden, weight, targets), device, args.repeats)
+        fwd = time_ms(forward_backward, device, args.repeats)
+        ms = fwd - time_ms(lambda: fn(hidden, weight, targets), device, args.repeats)
     else:
-        ms = _time(step, device, args.repeats)
+        ms = time_ms(step, device, args.repeats)
     return {"provider": args.provider, "mode": args.mode, "ms": ms, "peak_extra_bytes": int(peak),
             "loss": float(loss)}
 
@@ -145,29 +127,6 @@ def float64_reference(args) -> float:
 
     hidden, weight, targets = make_inputs(args.n, args.v, args.d, DTYPES[args.dtype], "cpu")
     return float(lv.linear_cross_entropy(hidden.double(), weight.double(), targets, backend="torch"))
-
-
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "largevocab", "cut_cross_entropy", "liger_kernel", "transformers"):
-        try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "installed")
-        except ImportError:
-            pass
-    return out
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 def floors(n, v, d, dtype) -> dict:
@@ -206,15 +165,13 @@ def main(argv=None):
     rows = []
     for provider in providers:
         for mode in modes:
-            cmd = [sys.executable, __file__, "--device", args.device, "--n", str(args.n), "--v", str(args.v),
-                   "--d", str(args.d), "--dtype", args.dtype, "--repeats", str(args.repeats),
-                   "--provider", provider, "--mode", mode]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            result, reason = run_worker(__file__, [
+                "--device", args.device, "--n", str(args.n), "--v", str(args.v), "--d", str(args.d), "--dtype",
+                args.dtype, "--repeats", str(args.repeats), "--provider", provider, "--mode", mode])
+            if result is None:
                 print(f"{provider:>20} {mode:>17}  skipped: {reason}", flush=True)
                 continue
-            row = {**meta, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            row = {**meta, **result}
             row["loss_abs_error"] = abs(row["loss"] - ref)
             row["tflops_exact_algorithm"] = (
                 row["flops_forward+backward"] / (row["ms"] * 1e-3) / 1e12 if mode == "forward+backward" else ""
@@ -226,14 +183,7 @@ def main(argv=None):
     print(f"floor: {meta['flops_forward+backward'] / 1e9:.1f} GFLOP (8NVD), "
           f"{meta['bytes_min_forward+backward'] / mib:.1f} MiB moved, "
           f"dH + dW = {meta['bytes_dh_plus_dw'] / mib:.1f} MiB")
-    if args.out and rows:
-        fields = list(rows[0])
-        new = not os.path.exists(args.out)
-        with open(args.out, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+    append_csv(rows, args.out)
     return 0
 
 

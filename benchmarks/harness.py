@@ -1,0 +1,71 @@
+"""Pieces shared by the benchmark scripts: timing, one process per measurement, device/library facts, CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def time_ms(fn, device: str, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up (``triton.testing.do_bench`` on CUDA)."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 20), return_mode="median")
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "largevocab", "cut_cross_entropy", "liger_kernel", "transformers"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        out[name] = getattr(module, "__version__", "installed")
+    return out
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def run_worker(script: str, args: list[str]) -> tuple[dict | None, str]:
+    """Run ``python script *args`` in a fresh process (its own peak memory); its last stdout line is a JSON row."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
+def append_csv(rows: list[dict], path: str | None) -> None:
+    if not path or not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
