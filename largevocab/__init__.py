@@ -4,14 +4,18 @@ The N x V logits of the output layer are never materialised: see :func:`linear_c
 """
 
 from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_with_lse
+from .sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
 from .scalable import ScalableCrossEntropyLoss, scalable_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LinearCrossEntropyLoss",
+    "SampledCrossEntropyLoss",
     "ScalableCrossEntropyLoss",
     "linear_cross_entropy",
     "linear_cross_entropy_with_lse",
+    "sample_negatives",
+    "sampled_cross_entropy",
     "scalable_cross_entropy",
 ]
