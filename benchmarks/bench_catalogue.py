@@ -17,10 +17,11 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
-from harness import append_csv, device_name, run_worker, time_ms, versions
 
 import largevocab as lv
 from largevocab.profiling import PeakMemory
+
+from harness import append_csv, device_name, run_worker, time_ms, versions
 
 PROVIDERS = ("full_ce", "lv_ce", "lv_sce", "lv_sampled", "lv_sampled_shared")
 SEED = 0

@@ -21,9 +21,10 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
-from harness import append_csv, device_name, run_worker, time_ms, versions
 
 from largevocab.profiling import PeakMemory
+
+from harness import append_csv, device_name, run_worker, time_ms, versions
 
 PROVIDERS = ("torch_eager", "torch_compile", "torch_native", "cce_apple", "liger", "lv_torch", "lv_triton",
              "lv_triton_filtered")

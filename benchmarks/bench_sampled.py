@@ -23,9 +23,10 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
-from harness import append_csv, device_name, run_worker, time_ms, versions
 
 from largevocab.profiling import PeakMemory
+
+from harness import append_csv, device_name, run_worker, time_ms, versions
 
 PROVIDERS = ("torch_materialised", "lv_torch", "lv_triton")
 LAYOUTS = ("rows", "shared")

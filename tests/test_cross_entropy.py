@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from reference import reference_loss, reference_loss_and_lse
 
 import largevocab as lv
 from largevocab.ops import triton_ce
+
+from reference import reference_loss, reference_loss_and_lse
 
 BACKENDS = ["torch", "triton"]
 N, D, V = 251, 123, 5003  # odd sizes: every block of the kernels is ragged

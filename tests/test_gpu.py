@@ -5,9 +5,10 @@ Skipped without CUDA (see conftest.py); run them on a GPU machine and record the
 
 import pytest
 import torch
-from reference import reference_loss
 
 import largevocab as lv
+
+from reference import reference_loss
 
 pytestmark = pytest.mark.gpu
 

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from reference import reference_loss
 
 import largevocab as lv
+
+from reference import reference_loss
 
 BACKENDS = ["torch", "triton"]
 
