@@ -22,8 +22,9 @@ BUCKETS_PER_SQRT_ROW = 2.0
 # The reference grid searches 64...4096 items per bucket; 256 is the middle of that grid on a log scale. The
 # quality/memory trade-off is data dependent: tune it like the paper does.
 DEFAULT_BUCKET_SIZE_Y = 256
-# Item scores are computed this many (bucket x item) elements at a time (64 MiB in float32).
-SELECTION_CHUNK_ELEMENTS = 1 << 24
+# Item scores are computed this many (bucket x item) elements at a time (16 MiB in float32): small next to the
+# (V, D) gradient any method needs, large enough that each chunk is one efficient GEMM.
+SELECTION_CHUNK_ELEMENTS = 1 << 22
 
 
 def _check_size(name: str, value, allow_none: bool = True) -> None:
@@ -87,14 +88,12 @@ def sce_from_selection(hidden, weight, targets, valid, rows, cols, *, reduction:
     Per bucket and row: ``CE = logsumexp([z+, z_negatives]) - z+`` where the negatives are the bucket's items other
     than the row's target; a row's loss is the max over the buckets that chose it, 0 for rows no bucket chose.
     """
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    positive = (hidden.to(acc) * weight[targets.clamp(min=0)].to(acc)).sum(dim=-1)
     if backend == "triton":
         from .ops.triton_sce import triton_bucket_lse
 
-        lse_negatives = triton_bucket_lse(hidden, weight, targets, rows, cols)
+        lse_negatives, positive = triton_bucket_lse(hidden, weight, targets, rows, cols)
     else:
-        lse_negatives = torch_bucket_lse(hidden, weight, targets, rows, cols)
+        lse_negatives, positive = torch_bucket_lse(hidden, weight, targets, rows, cols)
     chosen_positive = positive[rows]
     bucket_ce = torch.logaddexp(lse_negatives, chosen_positive) - chosen_positive
     flat_rows = rows.reshape(-1)

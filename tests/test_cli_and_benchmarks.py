@@ -33,7 +33,8 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     commands = [line for block in blocks for line in block.splitlines() if line.startswith("python3 -m venv")]
     assert len(commands) == 2, commands  # one runs the main job, one runs the tests
-    install = "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e \".[test]\""
+    install = ("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && "
+               ".venv/bin/pip install -e \".[hf,bench,test]\"")
     assert all(c.startswith(install + " && ") for c in commands)
     assert install in ci
     test_command = commands[1][len(install) + 4:]

@@ -2,8 +2,10 @@
 
 For G buckets, each pairing R rows of ``hidden`` with C rows (items) of ``weight`` by index, it computes
 ``lse[g, r] = logsumexp_c(<hidden[rows[g, r]], weight[cols[g, c]]>)`` over the items that are not that row's
-target (those are masked to -inf, so a row whose every candidate is its target gets -inf). Peak extra memory is
-O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C at once.
+target (those are masked to -inf, so a row whose every candidate is its target gets -inf), and every row's
+positive logit ``<hidden[n], weight[targets[n]]>``. Both come from one autograd node so that backward builds a
+single (V, D) gradient buffer (two nodes would each materialise one, and autograd would add them). Peak extra
+memory is O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C at once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ def _bucket_logits(hidden, weight, targets, rows, cols):
     return logits.masked_fill_(hit, float("-inf")), xg, wg
 
 
+def positive_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``<hidden[n], weight[targets[n]]>`` (N,) in the accumulation dtype; rows with a negative target use item 0."""
+    acc = _acc_dtype(hidden.dtype)
+    return (hidden.to(acc) * weight[targets.clamp(min=0)].to(acc)).sum(dim=-1)
+
+
+def add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive) -> None:
+    """Accumulate the gradient of :func:`positive_logits` into the float32/float64 buffers (None = not needed)."""
+    items = targets.clamp(min=0)
+    g = grad_positive.unsqueeze(1)
+    if grad_h is not None:
+        grad_h.add_(g * weight[items].to(grad_h.dtype))
+    if grad_w is not None:
+        grad_w.index_add_(0, items, g * hidden.to(grad_w.dtype))
+
+
 class _ChunkedBucketLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, cols, chunk):
@@ -37,15 +55,20 @@ class _ChunkedBucketLSE(torch.autograd.Function):
             lse[part] = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
         ctx.chunk = chunk
-        return lse
+        ctx.set_materialize_grads(False)
+        return lse, positive_logits(hidden, weight, targets)
 
     @staticmethod
-    def backward(ctx, grad_lse):
+    def backward(ctx, grad_lse, grad_positive):
         hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         acc = lse.dtype
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        if grad_positive is not None:
+            add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive.to(acc))
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
         for start in range(0, rows.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
             logits, xg, wg = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
@@ -73,12 +96,13 @@ def torch_bucket_lse(
     rows: torch.Tensor,
     cols: torch.Tensor,
     chunk_buckets: int | None = None,
-) -> torch.Tensor:
-    """``lse`` (G, R) over each bucket's items, targets masked; ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,),
-    ``rows`` (G, R) and ``cols`` (G, C) int64 indices.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, positive)``: ``lse`` (G, R) over each bucket's items with targets masked, and ``positive`` (N,).
 
+    ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,), ``rows`` (G, R) and ``cols`` (G, C) int64 indices.
     Torch equivalent: ``(hidden[rows] @ weight[cols].mT).masked_fill(cols[:, None] == targets[rows][..., None],
-    -inf).logsumexp(-1)``, computed ``chunk_buckets`` buckets at a time and recomputed in backward.
+    -inf).logsumexp(-1)`` and ``(hidden * weight[targets]).sum(-1)``, computed ``chunk_buckets`` buckets at a time
+    and recomputed in backward.
     """
     if chunk_buckets is None:
         chunk_buckets = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1] * cols.shape[1]))

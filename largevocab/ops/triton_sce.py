@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_sce import add_positive_grad, positive_logits
 from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous
 
 
@@ -146,10 +147,11 @@ class _TritonBucketLSE(torch.autograd.Function):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
         )
         ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
-        return lse
+        ctx.set_materialize_grads(False)
+        return lse, positive_logits(hidden, weight, targets)
 
     @staticmethod
-    def backward(ctx, grad_lse):
+    def backward(ctx, grad_lse, grad_positive):
         hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         n_buckets, r = rows.shape
@@ -158,6 +160,11 @@ class _TritonBucketLSE(torch.autograd.Function):
         consts = _constexprs(hidden)
         dh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else lse
         dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else lse
+        if grad_positive is not None:
+            add_positive_grad(dh if need_h else None, dw if need_w else None, hidden, weight, targets,
+                              grad_positive.to(lse.dtype))
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
         grid = (n_buckets, triton.cdiv(r, cfg.BLOCK_R), triton.cdiv(c, cfg.BLOCK_C))
         _bucket_lse_bwd_kernel[grid](
             hidden, weight, targets, rows, cols, lse, grad_lse.to(lse.dtype).contiguous(), dh, dw,
@@ -170,8 +177,8 @@ class _TritonBucketLSE(torch.autograd.Function):
 
 def triton_bucket_lse(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """Same contract as ``largevocab.ops.torch_sce.torch_bucket_lse``: ``lse`` (G, R), float32/float64."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``largevocab.ops.torch_sce.torch_bucket_lse``: ``(lse (G, R), positive (N,))``."""
     return _TritonBucketLSE.apply(
         _rows_contiguous(hidden), _rows_contiguous(weight), targets.contiguous(), rows.contiguous(),
         cols.contiguous(),
