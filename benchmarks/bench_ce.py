@@ -27,7 +27,10 @@ from largevocab.profiling import PeakMemory
 from harness import append_csv, device_name, run_worker, time_ms, versions
 
 PROVIDERS = ("torch_eager", "torch_compile", "torch_native", "cce_apple", "liger", "lv_torch", "lv_triton",
-             "lv_triton_filtered")
+             "lv_triton_filtered", "lv_sce", "lv_sampled", "lv_sampled_shared")
+# Approximate losses are measured beside the exact ones; their "loss error" is their gap to exact CE.
+APPROXIMATE = ("lv_sce", "lv_sampled", "lv_sampled_shared")
+SAMPLED_NEGATIVES = 1024
 MODES = ("forward", "backward", "forward+backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 0
@@ -73,6 +76,14 @@ def build(provider: str, device: str):
         return lambda h, w, y: lv.linear_cross_entropy(h, w, y, backend="triton")
     if provider == "lv_triton_filtered":
         return lambda h, w, y: lv.linear_cross_entropy(h, w, y, backend="triton", filter_eps="auto")
+    if provider == "lv_sce":
+        gen = torch.Generator(device=device).manual_seed(SEED)
+        return lambda h, w, y: lv.scalable_cross_entropy(h, w, y, generator=gen)
+    if provider in ("lv_sampled", "lv_sampled_shared"):
+        gen = torch.Generator(device=device).manual_seed(SEED)
+        shared = provider == "lv_sampled_shared"
+        return lambda h, w, y: lv.sampled_cross_entropy(h, w, y, num_negatives=SAMPLED_NEGATIVES,
+                                                        shared_negatives=shared, generator=gen)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
@@ -140,9 +151,9 @@ def floors(n, v, d, dtype) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--v", type=int, default=131072)
-    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--n", default="4096", help="token count(s), comma-separated for a sweep")
+    parser.add_argument("--v", default="131072", help="vocabulary size(s), comma-separated for a sweep")
+    parser.add_argument("--d", default="256", help="hidden size(s), comma-separated for a sweep")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--providers", default=None, help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--modes", default="forward+backward", help="comma-separated subset of " + ",".join(MODES))
@@ -153,9 +164,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.provider:  # worker process
+        args.n, args.v, args.d = int(args.n), int(args.v), int(args.d)
         print(json.dumps(worker(args)))
         return 0
 
+    rows = []
+    for n in args.n.split(","):
+        for v in args.v.split(","):
+            for d in args.d.split(","):
+                shape = argparse.Namespace(**{**vars(args), "n": int(n), "v": int(v), "d": int(d)})
+                rows += measure_shape(shape)
+    append_csv(rows, args.out)
+    return 0
+
+
+def measure_shape(args) -> list[dict]:
+    """Every provider x mode at one (N, V, D); prints a line per measurement and returns the rows."""
     providers = args.providers.split(",") if args.providers else [
         p for p in PROVIDERS if args.device == "cuda" or not p.startswith(("lv_triton", "cce", "liger"))]
     modes = args.modes.split(",")
@@ -163,6 +187,7 @@ def main(argv=None):
     meta = {"date": date.today().isoformat(), "device": device_name(args.device), "n": args.n, "v": args.v,
             "d": args.d, "dtype": args.dtype, **floors(args.n, args.v, args.d, args.dtype),
             "versions": json.dumps(versions())}
+    print(f"N={args.n} V={args.v} D={args.d} {args.dtype} on {meta['device']}", flush=True)
     rows = []
     for provider in providers:
         for mode in modes:
@@ -172,7 +197,7 @@ def main(argv=None):
             if result is None:
                 print(f"{provider:>20} {mode:>17}  skipped: {reason}", flush=True)
                 continue
-            row = {**meta, **result}
+            row = {**meta, **result, "approximate": provider in APPROXIMATE}
             row["loss_abs_error"] = abs(row["loss"] - ref)
             row["tflops_exact_algorithm"] = (
                 row["flops_forward+backward"] / (row["ms"] * 1e-3) / 1e12 if mode == "forward+backward" else ""
@@ -184,8 +209,7 @@ def main(argv=None):
     print(f"floor: {meta['flops_forward+backward'] / 1e9:.1f} GFLOP (8NVD), "
           f"{meta['bytes_min_forward+backward'] / mib:.1f} MiB moved, "
           f"dH + dW = {meta['bytes_dh_plus_dw'] / mib:.1f} MiB")
-    append_csv(rows, args.out)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,6 +12,17 @@ BASELINE = "torch_eager"
 
 
 def table(rows: list[dict], mode: str) -> str:
+    """One markdown table per (N, V, D) shape in the file."""
+    shapes = sorted({(int(r["n"]), int(r["v"]), int(r["d"])) for r in rows})
+    blocks = []
+    for n, v, d in shapes:
+        same = [r for r in rows if (int(r["n"]), int(r["v"]), int(r["d"])) == (n, v, d)]
+        heading = f"N={n}, V={v}, D={d}, {same[0]['dtype']}, {mode}" if len(shapes) > 1 else ""
+        blocks.append((heading + "\n\n" if heading else "") + _shape_table(same, mode))
+    return "\n\n".join(blocks)
+
+
+def _shape_table(rows: list[dict], mode: str) -> str:
     rows = [r for r in rows if r["mode"] == mode]
     base = next((r for r in rows if r["provider"] == BASELINE), None)
     lines = ["| provider | time (ms) | vs eager | peak extra (MiB) | vs eager | loss error vs float64 |",

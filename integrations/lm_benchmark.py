@@ -70,6 +70,7 @@ def load_tokens(cfg: JobConfig):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer.model_max_length = sys.maxsize  # the whole text is encoded once, then cut into windows
     ids = torch.tensor(tokenizer(read_text(cfg.text))["input_ids"], dtype=torch.long)
     split = int(len(ids) * (1 - VALIDATION_FRACTION))
     if split < cfg.seq_len + 1 or len(ids) - split < cfg.seq_len + 1:

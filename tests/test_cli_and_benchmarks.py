@@ -73,3 +73,35 @@ def test_committed_results_parse(path):
     assert rows, path
     for r in rows:
         assert r["device"] and r["date"] and float(r["ms"]) > 0 and int(r["peak_extra_bytes"]) >= 0
+
+
+def test_catalogue_benchmark_plot_and_summary_run(tmp_path):
+    out_csv = tmp_path / "catalogue.csv"
+    run("benchmarks/bench_catalogue.py", "--device", "cpu", "--n", "64", "--v", "700", "--d", "16",
+        "--repeats", "1", "--out", str(out_csv))
+    rows = read_csv(out_csv)
+    assert [r["provider"] for r in rows] == ["full_ce", "lv_ce", "lv_sce", "lv_sampled", "lv_sampled_shared"]
+    png = tmp_path / "catalogue.png"
+    run("benchmarks/plot.py", str(out_csv), "--out", str(png))
+    assert png.stat().st_size > 0
+
+
+def test_sampled_benchmark_runs(tmp_path):
+    out_csv = tmp_path / "sampled.csv"
+    run("benchmarks/bench_sampled.py", "--device", "cpu", "--n", "64", "--k", "16", "--v", "500", "--d", "16",
+        "--repeats", "1", "--providers", "torch_materialised,lv_torch", "--out", str(out_csv))
+    rows = read_csv(out_csv)
+    assert {(r["provider"], r["layout"]) for r in rows} == {
+        (p, layout) for p in ("torch_materialised", "lv_torch") for layout in ("rows", "shared")}
+
+
+def test_ce_benchmark_sweeps_shapes_and_approximate_losses(tmp_path):
+    out_csv = tmp_path / "sweep.csv"
+    run("benchmarks/bench_ce.py", "--device", "cpu", "--n", "32", "--v", "300,600", "--d", "8", "--repeats", "1",
+        "--providers", "torch_eager,lv_sce", "--out", str(out_csv))
+    rows = read_csv(out_csv)
+    want = [(v, p) for v in ("300", "600") for p in ("torch_eager", "lv_sce")]
+    assert [(r["v"], r["provider"]) for r in rows] == want
+    assert [r["approximate"] for r in rows[:2]] == ["False", "True"]
+    table = run("benchmarks/summarize.py", str(out_csv))
+    assert table.count("| lv_sce |") == 2 and "V=600" in table
