@@ -125,10 +125,11 @@ def train_one(loss: str, cfg: JobConfig) -> dict | None:
 
     model.train()
     progress = tqdm(total=cfg.steps, desc=f"{loss:>8}", disable=not accelerator.is_main_process)
-    train_step()  # the first step warms up (allocator, kernels): memory and time are measured after it
-    progress.update()
+    # Memory is the peak over all of training above what the model and data held before it (the optimizer state,
+    # the same for every loss, included): a warm-up step outside the measurement would leave freed blocks in the
+    # CPU allocator that later steps reuse without raising the RSS. Time skips the first step (warm-up).
     with PeakMemory(accelerator.device) as memory:
-        for _ in range(cfg.steps - 1):
+        for _ in range(cfg.steps):
             train_step()
             progress.update()
     progress.close()
