@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 
-BASELINE = "torch_eager"
+BASELINES = ("torch_eager", "full_ce")  # bench_ce.py / bench_catalogue.py name for materialised full CE
 
 
 def table(rows: list[dict], mode: str) -> str:
@@ -17,22 +17,24 @@ def table(rows: list[dict], mode: str) -> str:
     blocks = []
     for n, v, d in shapes:
         same = [r for r in rows if (int(r["n"]), int(r["v"]), int(r["d"])) == (n, v, d)]
-        heading = f"N={n}, V={v}, D={d}, {same[0]['dtype']}, {mode}" if len(shapes) > 1 else ""
+        heading = f"N={n}, V={v}, D={d}, {same[0]['dtype']}, {same[0].get('mode', mode)}" if len(shapes) > 1 else ""
         blocks.append((heading + "\n\n" if heading else "") + _shape_table(same, mode))
     return "\n\n".join(blocks)
 
 
 def _shape_table(rows: list[dict], mode: str) -> str:
-    rows = [r for r in rows if r["mode"] == mode]
-    base = next((r for r in rows if r["provider"] == BASELINE), None)
-    lines = ["| provider | time (ms) | vs eager | peak extra (MiB) | vs eager | loss error vs float64 |",
+    rows = [r for r in rows if r.get("mode", mode) == mode]
+    base = next((r for r in rows if r["provider"] in BASELINES), None)
+    has_error = all("loss_abs_error" in r for r in rows)
+    last = "loss error vs float64" if has_error else "loss"
+    lines = [f"| provider | time (ms) | vs full CE | peak extra (MiB) | vs full CE | {last} |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms, peak = float(r["ms"]), int(r["peak_extra_bytes"])
         rel_t = f"{ms / float(base['ms']):.2f}x" if base else "-"
         rel_m = f"{peak / int(base['peak_extra_bytes']):.1%}" if base else "-"
-        lines.append(f"| {r['provider']} | {ms:.0f} | {rel_t} | {peak / 2**20:.0f} | {rel_m} | "
-                     f"{float(r['loss_abs_error']):.1e} |")
+        value = f"{float(r['loss_abs_error']):.1e}" if has_error else f"{float(r['loss']):.4f}"
+        lines.append(f"| {r['provider']} | {ms:.0f} | {rel_t} | {peak / 2**20:.0f} | {rel_m} | {value} |")
     return "\n".join(lines)
 
 
