@@ -153,6 +153,39 @@ def _grad_tile(
 
 
 @triton.jit
+def _scatter_tile_grads(
+    ds, h_ptr, w_ptr, dh_ptr, dw_ptr, h_idx, w_idx, mask_n, mask_v, D, stride_hn, stride_wv,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dH[h_idx] += ds @ W[w_idx] and dW[w_idx] += ds^T @ H[h_idx] with atomics, D walked in BLOCK_D chunks.
+
+    ``ds`` is a (BLOCK_N, BLOCK_V) tile of d loss / d logits; ``h_idx``/``w_idx`` index its rows of H and W
+    (contiguous blocks or gathered indices alike, so duplicates accumulate); dH and dW have row stride D.
+    """
+    if not UPCAST:
+        ds = ds.to(h_ptr.dtype.element_ty)  # the tensor-core operand dtype
+    offs_d = tl.arange(0, BLOCK_D)
+    h_rows = h_idx.to(tl.int64)[:, None]
+    w_rows = w_idx.to(tl.int64)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d[None, :] < D
+        if NEED_DH:
+            w = tl.load(w_ptr + w_rows * stride_wv + d[None, :], mask=mask_v[:, None] & mask_d, other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(ds, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.atomic_add(dh_ptr + h_rows * D + d[None, :], dh, mask=mask_n[:, None] & mask_d)
+        if NEED_DW:
+            h = tl.load(h_ptr + h_rows * stride_hn + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(ds), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            tl.atomic_add(dw_ptr + w_rows * D + d[None, :], dw, mask=mask_v[:, None] & mask_d)
+
+
+@triton.jit
 def _ce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dh_ptr, dw_ptr, db_ptr,
     param_ptr, N, V, D, stride_hn, stride_wv,
@@ -179,28 +212,10 @@ def _ce_bwd_kernel(
         mask_v = offs_v < V
         if NEED_DB:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
-        if not UPCAST:
-            dz = dz.to(h_ptr.dtype.element_ty)
-        offs_d = tl.arange(0, BLOCK_D)
-        h_rows = offs_n.to(tl.int64)[:, None] * stride_hn
-        w_rows = offs_v.to(tl.int64)[:, None] * stride_wv
-        dh_rows = offs_n.to(tl.int64)[:, None] * D
-        dw_rows = offs_v.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            mask_d = d[None, :] < D
-            if NEED_DH:
-                w = tl.load(w_ptr + w_rows + d[None, :], mask=mask_v[:, None] & mask_d, other=0.0)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                dh = tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(dh_ptr + dh_rows + d[None, :], dh, mask=mask_n[:, None] & mask_d)
-            if NEED_DW:
-                h = tl.load(h_ptr + h_rows + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(dw_ptr + dw_rows + d[None, :], dw, mask=mask_v[:, None] & mask_d)
+        _scatter_tile_grads(
+            dz, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
+            NEED_DH, NEED_DW, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+        )
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ce import _LOW_PRECISION, INTERPRET, PROGRAMS_PER_SM, _constexprs, _rows_contiguous
+from .triton_ce import _LOW_PRECISION, INTERPRET, PROGRAMS_PER_SM, _constexprs, _rows_contiguous, _scatter_tile_grads
 
 # Planes of the forward's partial results part[PLANES, splits, N].
 PART_MAX = 0
@@ -271,28 +271,10 @@ def _shared_bwd_kernel(
     s = _adjust_logits(s, neg[None, :], kmask[None, :], offs_n, tgt, N, corr_ptr, stride_corr,
                        HAS_CORR, REMOVE_HITS)
     ds = g[:, None] * tl.exp(s - lse[:, None])
-    if not UPCAST:
-        ds = ds.to(h_ptr.dtype.element_ty)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_rows = offs_n.to(tl.int64)[:, None] * stride_hn
-    w_rows = neg.to(tl.int64)[:, None] * stride_wv
-    dh_rows = offs_n.to(tl.int64)[:, None] * D
-    dw_rows = neg.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        mask_d = d[None, :] < D
-        if NEED_DH:
-            w = tl.load(w_ptr + w_rows + d[None, :], mask=kmask[:, None] & mask_d, other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(ds, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(dh_ptr + dh_rows + d[None, :], dh, mask=mask_n[:, None] & mask_d)
-        if NEED_DW:
-            h = tl.load(h_ptr + h_rows + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(ds), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(dw_ptr + dw_rows + d[None, :], dw, mask=kmask[:, None] & mask_d)
+    _scatter_tile_grads(
+        ds, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, neg, mask_n, kmask, D, stride_hn, stride_wv,
+        NEED_DH, NEED_DW, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- launchers

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .torch_sce import add_positive_grad, positive_logits
-from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous
+from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous, _scatter_tile_grads
 
 
 @triton.jit
@@ -79,26 +79,10 @@ def _bucket_lse_bwd_kernel(
     live = mask_c[None, :] & (col[None, :] != tgt[:, None]) & (lse > float("-inf"))[:, None]
     lse_safe = tl.where(lse > float("-inf"), lse, 0.0)
     ds = tl.where(live, tl.exp(s - lse_safe[:, None]), 0.0) * glse[:, None]
-    if not UPCAST:
-        ds = ds.to(h_ptr.dtype.element_ty)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_rows = row.to(tl.int64)[:, None] * stride_hn
-    w_rows = col.to(tl.int64)[:, None] * stride_wv
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        mask_d = d[None, :] < D
-        if NEED_DH:
-            w = tl.load(w_ptr + w_rows + d[None, :], mask=mask_c[:, None] & mask_d, other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(ds, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(dh_ptr + row.to(tl.int64)[:, None] * D + d[None, :], dh, mask=mask_r[:, None] & mask_d)
-        if NEED_DW:
-            h = tl.load(h_ptr + h_rows + d[None, :], mask=mask_r[:, None] & mask_d, other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(ds), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(dw_ptr + col.to(tl.int64)[:, None] * D + d[None, :], dw, mask=mask_c[:, None] & mask_d)
+    _scatter_tile_grads(
+        ds, h_ptr, w_ptr, dh_ptr, dw_ptr, row, col, mask_r, mask_c, D, stride_hn, stride_wv,
+        NEED_DH, NEED_DW, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- launchers
