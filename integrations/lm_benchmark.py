@@ -52,6 +52,7 @@ class JobConfig:
     layers: int = 2
     heads: int = 4
     lr: float = 3e-3
+    family: str = "llama"
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 0
@@ -78,14 +79,23 @@ def load_tokens(cfg: JobConfig):
     return ids[:split], ids[split:], len(tokenizer)
 
 
-def build_model(vocab: int, cfg: JobConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Model families the job can build (any canonical causal LM works with the patch; these are the benchmark shapes:
+# Llama 3.2 style, and Gemma 2 style with its final-logit soft cap).
+FAMILY_CONFIG = {"llama": {}, "gemma2": {"final_logit_softcapping": 30.0, "head_dim": None}}
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=cfg.dim, intermediate_size=4 * cfg.dim,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                         max_position_embeddings=cfg.seq_len, tie_word_embeddings=True)
+
+def build_model(vocab: int, cfg: JobConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = dict(FAMILY_CONFIG[cfg.family])
+    if "head_dim" in extra:
+        extra["head_dim"] = cfg.dim // cfg.heads
+    config = AutoConfig.for_model(
+        cfg.family, vocab_size=vocab, hidden_size=cfg.dim, intermediate_size=4 * cfg.dim,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq_len, tie_word_embeddings=True, **extra)
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def windows(ids: torch.Tensor, count: int, cfg: JobConfig, generator: torch.Generator) -> torch.Tensor:
@@ -143,7 +153,8 @@ def train_one(loss: str, cfg: JobConfig) -> dict | None:
     measured = sorted(step_seconds[1:] or step_seconds)
     step_s = measured[len(measured) // 2]
     tail = curve[-CURVE_SMOOTHING:]
-    return {"loss": loss, "device": _device_name(accelerator.device), "processes": accelerator.num_processes,
+    return {"loss": loss, "family": cfg.family, "device": _device_name(accelerator.device),
+            "processes": accelerator.num_processes,
             "vocab": vocab, "tokens_per_step": cfg.batch_size * cfg.seq_len * accelerator.num_processes,
             "step_ms": step_s * 1e3, "tokens_per_s": cfg.batch_size * cfg.seq_len * accelerator.num_processes / step_s,
             "peak_extra_mib": memory.extra_bytes / 2**20, "train_loss": sum(tail) / len(tail),
@@ -226,6 +237,8 @@ def parse(argv) -> tuple[JobConfig, str | None]:
     unknown = [x for x in cfg.losses.split(",") if x not in LOSSES]
     if unknown:
         parser.error(f"unknown loss(es) {unknown}; choose from {LOSSES}")
+    if cfg.family not in FAMILY_CONFIG:
+        parser.error(f"--family must be one of {tuple(FAMILY_CONFIG)}, got {cfg.family}")
     if cfg.precision not in ("fp32", "bf16"):
         parser.error(f"--precision must be fp32 or bf16, got {cfg.precision}")
     return cfg, worker
