@@ -145,7 +145,8 @@ def linear_cross_entropy(
             are 0.
         filter_eps: None (exact). A float or ``"auto"`` (``finfo(dtype).eps / 32``) lets the Triton backward
             skip each (BLOCK_N x BLOCK_V) tile in which every ``|d loss_n / d logit_nv|`` is below it
-            (CCE's gradient filtering). The loss is still exact; the gradients change by at most
+            (CCE's gradient filtering; the vocabulary is visited most-frequent-target first so that targets share
+            few tiles). The loss is still exact; the gradients change by at most
             ``|dH_n| <= |g_n| * filter_eps * sum_{v skipped} |W_v|`` and
             ``|dW_v| <= filter_eps * sum_{n skipped} |g_n| * |h_n|`` (``g_n`` the upstream gradient of token n,
             times ``1 - (s/softcap)**2 <= 1`` with a soft cap). The torch backend ignores it (exact gradients).

@@ -248,3 +248,33 @@ def test_filter_auto_in_float32_is_close_to_exact():
     auto = loss_and_grads(lv.linear_cross_entropy, hidden, weight, targets, None, backend="triton",
                           filter_eps="auto")
     assert_close_all(auto, exact, rtol=1e-5, atol=1e-7)
+
+
+def test_filter_sorts_the_vocabulary_so_scattered_targets_still_let_tiles_go(monkeypatch):
+    """Targets scattered over the whole vocabulary put one in every vocabulary block: unsorted, no tile can be
+    skipped; visiting the most frequent targets first (CCE's vocabulary sorting) frees the other tiles."""
+    gen = torch.Generator().manual_seed(4)
+    n, d, v = 200, 64, 3000
+    hot = torch.randperm(v, generator=gen)[:40]
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * 0.05
+    weight[hot] *= 20.0
+    weight.requires_grad_()
+    targets = hot[torch.randint(0, len(hot), (n,), generator=gen)]
+    assert len({int(t) // 512 for t in targets}) == (v + 511) // 512  # every vocabulary block holds a target
+    eps = 1e-3
+
+    def grads(**opts):
+        return loss_and_grads(lv.linear_cross_entropy, hidden, weight, targets, None, reduction="sum",
+                              backend="triton", **opts)
+
+    exact = grads()
+    sorted_run = grads(filter_eps=eps)
+    dw_err = (sorted_run[1][1] - exact[1][1]).norm(dim=1)
+    dh_err = (sorted_run[1][0] - exact[1][0]).norm(dim=1)
+    assert dw_err.max() > 0, "sorting freed no tile"
+    assert torch.all(dh_err <= eps * weight.detach().norm(dim=1).sum())
+    assert torch.all(dw_err <= eps * hidden.detach().norm(dim=1).sum())
+    monkeypatch.setattr(triton_ce, "_vocab_order", lambda *args: None)
+    unsorted = grads(filter_eps=eps)
+    assert_close_all(unsorted, exact, rtol=0, atol=0)  # unsorted, every tile holds a target: nothing skipped

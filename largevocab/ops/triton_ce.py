@@ -186,10 +186,21 @@ def _scatter_tile_grads(
 
 
 @triton.jit
+def _vocab_block(order_ptr, start, V, BLOCK_V: tl.constexpr, SORTED: tl.constexpr):
+    """Vocabulary ids of the block at ``start``: the positions themselves, or with SORTED the ids at those positions
+    of the backward's visiting order (padding lanes get V, which every load and store masks out)."""
+    pos = start + tl.arange(0, BLOCK_V)
+    if SORTED:
+        return tl.load(order_ptr + pos, mask=pos < V, other=V)
+    return pos
+
+
+@triton.jit
 def _ce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dh_ptr, dw_ptr, db_ptr,
-    param_ptr, N, V, D, stride_hn, stride_wv,
+    param_ptr, order_ptr, N, V, D, stride_hn, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    SORTED: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -198,7 +209,7 @@ def _ce_bwd_kernel(
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = _vocab_block(order_ptr, pid_v * BLOCK_V, V, BLOCK_V, SORTED)
     s = _logits_tile(
         h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
@@ -221,8 +232,9 @@ def _ce_bwd_kernel(
 @triton.jit
 def _ce_bwd_dh_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dh_ptr,
-    param_ptr, N, V, D, stride_hn, stride_wv,
+    param_ptr, order_ptr, N, V, D, stride_hn, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    SORTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -233,7 +245,7 @@ def _ce_bwd_dh_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dh_rows = dh_ptr + offs_n.to(tl.int64)[:, None] * D
     for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+        offs_v = _vocab_block(order_ptr, v0, V, BLOCK_V, SORTED)
         s = _logits_tile(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_wv, param_ptr,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
@@ -261,14 +273,15 @@ def _ce_bwd_dh_kernel(
 @triton.jit
 def _ce_bwd_dw_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dw_ptr, db_ptr,
-    param_ptr, N, V, D, stride_hn, stride_wv,
+    param_ptr, order_ptr, N, V, D, stride_hn, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
+    SORTED: tl.constexpr,
     NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Deterministic dW and dbias: a program owns BLOCK_V rows of dW and walks the tokens in order."""
     pid_v = tl.program_id(0)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = _vocab_block(order_ptr, pid_v * BLOCK_V, V, BLOCK_V, SORTED)
     mask_v = offs_v < V
     offs_d = tl.arange(0, BLOCK_D)
     dw_rows = dw_ptr + offs_v.to(tl.int64)[:, None] * D
@@ -389,6 +402,17 @@ def _forward(hidden, weight, bias, targets, opts: CEOptions, splits: int | None 
     return lse, tgt_logit.sum(dim=0), (logit_sum.sum(dim=0) if opts.label_smoothing else None)
 
 
+def _vocab_order(targets: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The order in which the filtered backward visits the vocabulary: most frequent targets first.
+
+    A tile can only be skipped if none of its rows has its target in it, so gathering the batch's targets into
+    the first blocks (CCE's vocabulary sorting, with target counts as the key) leaves the other tiles holding only
+    small softmax entries, which the filter then drops. Any order gives the same exact gradient for kept tiles.
+    """
+    counts = torch.bincount(targets[g != 0], minlength=vocab)
+    return torch.argsort(counts, descending=True, stable=True)
+
+
 def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, needs, deterministic: bool):
     """(dH, dW, dbias) as float32/float64 buffers (None where not needed)."""
     need_h, need_w, need_b = needs
@@ -404,10 +428,15 @@ def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, nee
     common = (
         hidden, weight, bias if bias is not None else dummy, targets, lse, a, g, gl if gl is not None else dummy,
     )
-    scalars = (_params(opts, vocab, acc, hidden.device), n_rows, vocab, dim, hidden.stride(0), weight.stride(0))
+    filtering = opts.filter_eps is not None and gl is None
+    order = _vocab_order(targets, g, vocab) if filtering else None
+    scalars = (
+        _params(opts, vocab, acc, hidden.device), order if order is not None else targets,
+        n_rows, vocab, dim, hidden.stride(0), weight.stride(0),
+    )
     flags = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_GRAD_LSE=gl is not None,
-        FILTER=opts.filter_eps is not None and gl is None,
+        FILTER=filtering, SORTED=order is not None,
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
