@@ -207,7 +207,7 @@ def write_outputs(rows: list[dict], cfg: JobConfig) -> None:
     curves.set(xlabel="step", ylabel="train loss (the loss each run optimises)", title="training curves")
     curves.legend()
     bars.bar([r["loss"] for r in rows], [r["peak_extra_mib"] for r in rows], color="tab:blue")
-    bars.set(ylabel="peak extra memory of a step (MiB)", title=f"memory, vocabulary {rows[0]['vocab']:,}")
+    bars.set(ylabel="peak extra memory during training (MiB)", title=f"memory, vocabulary {rows[0]['vocab']:,}")
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out, "lm_benchmark.png"), dpi=100)
     plt.close(fig)
