@@ -4,12 +4,14 @@ The N x V logits of the output layer are never materialised: see :func:`linear_c
 """
 
 from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_with_lse
+from .mlet import FactorizedEmbedding
 from .sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
 from .scalable import ScalableCrossEntropyLoss, scalable_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FactorizedEmbedding",
     "LinearCrossEntropyLoss",
     "SampledCrossEntropyLoss",
     "ScalableCrossEntropyLoss",

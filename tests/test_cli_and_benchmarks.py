@@ -105,3 +105,13 @@ def test_ce_benchmark_sweeps_shapes_and_approximate_losses(tmp_path):
     assert [r["approximate"] for r in rows[:2]] == ["False", "True"]
     table = run("benchmarks/summarize.py", str(out_csv))
     assert table.count("| lv_sce |") == 2 and "V=600" in table
+
+
+def test_sasrec_benchmark_runs_single_and_under_accelerate_with_two_processes(tmp_path):
+    out_csv = tmp_path / "sasrec.csv"
+    common = ["--catalogues", "1500", "--batch-size", "8", "--max-len", "16", "--dim", "16", "--steps", "2"]
+    run("benchmarks/bench_sasrec.py", *common, "--losses", "ce,cce,sce", "--out", str(out_csv))
+    run("benchmarks/bench_sasrec.py", *common, "--losses", "cce", "--processes", "2", "--out", str(out_csv))
+    rows = read_csv(out_csv)
+    assert [(r["provider"], r["processes"]) for r in rows] == [("ce", "1"), ("cce", "1"), ("sce", "1"), ("cce", "2")]
+    assert all(int(r["num_items"]) == 1500 and float(r["ms"]) > 0 for r in rows)

@@ -1,0 +1,174 @@
+"""Train and evaluate SASRec from the command line.
+
+    python -m largevocab.integrations.sasrec.cli --data ../shared/data/rec/ml-1m.txt --loss sce --out runs/sce
+
+``--data`` is a SASRec text file (``user item`` per line, leave-one-out split) or a CSV/Parquet table with user,
+item and timestamp columns (``--split loo`` or ``temporal``; ``--min-item-interactions``/``--min-user-interactions``
+filter it first). Writes ``OUT/best.pt`` (reload with ``largevocab.integrations.sasrec.load_checkpoint``) and
+``OUT/metrics.json``; prints the test metrics. Returns 0 on success, 2 on bad arguments or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .data import (
+    SCE_MIN_ITEM_INTERACTIONS,
+    SCE_MIN_USER_INTERACTIONS,
+    filter_min_interactions,
+    leave_one_out,
+    read_interactions,
+    read_sasrec_txt,
+    table_to_sequences,
+    temporal_split,
+)
+from .losses import DEFAULT_GBCE_T, LOSS_NAMES, build_loss
+from .model import SASRec, SASRecConfig
+from .train import TrainConfig, set_seed, train
+
+SAMPLING_CHOICES = ("uniform", "popularity", "in_batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="largevocab sasrec", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, help="SASRec .txt file, or .csv/.parquet interaction table")
+    data.add_argument("--split", choices=("loo", "temporal"), default="loo",
+                      help="leave-one-out, or the global temporal split (tables with timestamps only)")
+    data.add_argument("--user-col", default="user")
+    data.add_argument("--item-col", default="item")
+    data.add_argument("--time-col", default="timestamp")
+    data.add_argument("--min-item-interactions", type=int, default=0,
+                      help=f"tables: drop rarer items first (the SCE paper uses {SCE_MIN_ITEM_INTERACTIONS})")
+    data.add_argument("--min-user-interactions", type=int, default=0,
+                      help=f"tables: then drop users with fewer (the SCE paper uses {SCE_MIN_USER_INTERACTIONS})")
+    data.add_argument("--max-users", type=int, default=None, help="keep only the first N users (quick runs)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--hidden-dim", type=int, default=64)
+    model.add_argument("--num-blocks", type=int, default=2)
+    model.add_argument("--num-heads", type=int, default=1)
+    model.add_argument("--max-len", type=int, default=200)
+    model.add_argument("--dropout", type=float, default=0.3)
+    model.add_argument("--plain-residual", action="store_true",
+                       help="textbook pre-LN residuals instead of the reference's residual from the normed input")
+    model.add_argument("--mlet-inner-dim", type=int, default=None, help="train the item table as (V,k)@(k,d)")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--loss", choices=LOSS_NAMES, default="sce")
+    loss.add_argument("--num-negatives", type=int, default=None, help="bce/gbce/sampled: negatives per position")
+    loss.add_argument("--sampling", choices=SAMPLING_CHOICES, default="uniform", help="sampled: distribution")
+    loss.add_argument("--shared-negatives", action="store_true", help="sampled: one negative set for the batch")
+    loss.add_argument("--no-logq", action="store_true", help="sampled: no logQ correction")
+    loss.add_argument("--gbce-t", type=float, default=DEFAULT_GBCE_T, help="gbce: calibration parameter t")
+    loss.add_argument("--n-buckets", type=int, default=None, help="sce: buckets (default 2 sqrt(rows))")
+    loss.add_argument("--bucket-size-x", type=int, default=None, help="sce: rows per bucket (default 2 sqrt(rows))")
+    loss.add_argument("--bucket-size-y", type=int, default=None, help="sce: items per bucket (library default)")
+    loss.add_argument("--no-mix-x", action="store_true", help="sce: random bucket vectors instead of mixed states")
+    loss.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                      help="cce/sce/sampled kernels")
+
+    run = p.add_argument_group("training")
+    run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--epochs", type=int, default=200, help="epoch limit")
+    run.add_argument("--patience", type=int, default=10, help="evaluations without a better validation NDCG@10")
+    run.add_argument("--time-budget", type=float, default=None, help="seconds of wall time before stopping")
+    run.add_argument("--eval-every", type=int, default=1)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    run.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--no-loss-memory", action="store_true", help="skip the loss peak-memory measurement")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--out", default=None, help="directory for best.pt and metrics.json")
+    return p
+
+
+def load_split(args):
+    path = args.data
+    if not os.path.exists(path):
+        raise ValueError(f"--data {path!r} does not exist")
+    if path.endswith(".txt"):
+        if args.split != "loo":
+            raise ValueError("a SASRec .txt file has no timestamps: only --split loo applies")
+        data = read_sasrec_txt(path)
+        if args.max_users:
+            data = data.head(args.max_users)
+        return leave_one_out(data)
+    table = read_interactions(path, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    if args.max_users:
+        table = table[table["user"].isin(table["user"].drop_duplicates().head(args.max_users))]
+    if args.min_item_interactions or args.min_user_interactions:
+        table = filter_min_interactions(table, min_item=args.min_item_interactions,
+                                        min_user=args.min_user_interactions)
+    if args.split == "temporal":
+        return temporal_split(table)
+    return leave_one_out(table_to_sequences(table))
+
+
+def loss_options(args, split) -> dict:
+    options: dict = {}
+    if args.loss in ("cce", "sce", "sampled"):
+        options["backend"] = args.backend
+    if args.loss in ("bce", "gbce", "sampled") and args.num_negatives is not None:
+        options["num_negatives"] = args.num_negatives
+    if args.loss == "gbce":
+        options["t"] = args.gbce_t
+    if args.loss == "sampled":
+        options.update(sampling=args.sampling, shared_negatives=args.shared_negatives,
+                       logq_correction=not args.no_logq)
+        if args.sampling == "popularity":
+            options["item_counts"] = split.item_counts()
+    if args.loss == "sce":
+        options["mix_x"] = not args.no_mix_x
+        for name in ("n_buckets", "bucket_size_x", "bucket_size_y"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        split = load_split(args)
+        set_seed(args.seed)
+        model = SASRec(SASRecConfig(
+            num_items=split.num_items, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks,
+            num_heads=args.num_heads, max_len=args.max_len, dropout=args.dropout,
+            residual_from_normed=not args.plain_residual, mlet_inner_dim=args.mlet_inner_dim))
+        loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split))
+        config = TrainConfig(
+            batch_size=args.batch_size, lr=args.lr, max_epochs=args.epochs, patience=args.patience,
+            time_budget_s=args.time_budget, eval_every=args.eval_every, seed=args.seed, device=args.device,
+            amp=not args.no_amp, progress=not args.no_progress, out_dir=args.out,
+            measure_loss_memory=not args.no_loss_memory)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"data {args.data}: {split.num_items} items, {len(split.train)} training histories, "
+          f"{len(split.test_targets)} evaluated users; loss {args.loss}; device {config.device}", file=sys.stderr)
+    result = train(model, split, loss_fn, config, log=lambda line: print(line, file=sys.stderr))
+    result["data"] = os.path.abspath(args.data)
+    result["argv"] = list(sys.argv[1:] if argv is None else argv)
+    if args.out:
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    test = result["test"]
+    print(json.dumps({"loss": args.loss, "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+                      "ndcg@10": round(test["ndcg@10"], 4), "hr@10": round(test["hr@10"], 4),
+                      "mean_epoch_train_time_s": result["mean_epoch_train_time_s"],
+                      "loss_peak_bytes": result.get("loss_peak_bytes")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

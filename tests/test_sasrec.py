@@ -1,0 +1,437 @@
+"""SASRec on the kit: model masking and causality, every loss training on a real ML-1M slice, padding never an
+item, ranking metrics against hand-computed values (ties, seen items, chunking), readers, splits, the MovieLens
+download logic, checkpoints and the CLI end to end. CPU-friendly: tiny models, the torch backends only."""
+
+import hashlib
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from largevocab.integrations.sasrec import (
+    LOSS_NAMES,
+    SASRec,
+    SASRecConfig,
+    SequenceData,
+    TrainBatches,
+    TrainConfig,
+    build_loss,
+    download_movielens_1m,
+    filter_min_interactions,
+    gbce_beta,
+    leave_one_out,
+    load_checkpoint,
+    rank_metrics,
+    read_interactions,
+    read_movielens_ratings,
+    read_sasrec_txt,
+    save_checkpoint,
+    streaming_topk,
+    table_to_sequences,
+    temporal_split,
+    train,
+)
+from largevocab.integrations.sasrec.cli import main as cli_main
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+ML1M = os.path.join(SHARED_DATA, "rec", "ml-1m.txt")
+SLICE_USERS = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP synchronisation, which dominates (60x on a busy 2-core
+    machine) at these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ml1m_slice():
+    """The first users of ML-1M (real data, read in place), leave-one-out."""
+    if not os.path.exists(ML1M):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have the shared data: {ML1M} is missing")
+        pytest.skip(f"shared data not found at {ML1M}")
+    return read_sasrec_txt(ML1M).head(SLICE_USERS)
+
+
+def tiny_model(num_items, **overrides):
+    config = dict(num_items=num_items, hidden_dim=16, num_blocks=2, num_heads=2, max_len=12, dropout=0.0)
+    config.update(overrides)
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(**config))
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("residual_from_normed", [True, False])
+def test_shapes_padding_zero_and_causality(residual_from_normed):
+    model = tiny_model(30, residual_from_normed=residual_from_normed).eval()
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 5, 7, 9, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    out = model(seq)
+    assert out.shape == (2, 12, 16)
+    assert torch.equal(out[0, :7], torch.zeros(7, 16)) and out[0, 7:].abs().sum(-1).min() > 0
+    assert model.item_weight().shape == (31, 16) and torch.equal(model.item_weight()[0], torch.zeros(16))
+    for t in range(12):
+        changed = seq.clone()
+        changed[:, t + 1:] = torch.randint(1, 31, changed[:, t + 1:].shape)
+        torch.testing.assert_close(model(changed)[:, :t + 1], out[:, :t + 1], rtol=0, atol=1e-6)
+    # A shorter window is the right end of a max_len one (positions are counted from the right).
+    assert model(seq[:, -5:]).shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model(torch.ones(1, 13, dtype=torch.long))
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="divisible"):
+        SASRecConfig(num_items=5, hidden_dim=10, num_heads=3)
+    with pytest.raises(ValueError, match="mlet_inner_dim"):
+        SASRecConfig(num_items=5, hidden_dim=16, mlet_inner_dim=8)
+    with pytest.raises(ValueError, match="dropout"):
+        SASRecConfig(num_items=5, dropout=1.5)
+
+
+# ---------------------------------------------------------------- losses
+
+LOSS_CASES = [
+    ("ce", {}), ("cce", {}), ("sce", {"bucket_size_y": 64}), ("sampled", {"num_negatives": 64}),
+    ("sampled", {"sampling": "popularity", "num_negatives": 64}), ("sampled", {"sampling": "in_batch"}),
+    ("sampled", {"num_negatives": 64, "shared_negatives": True}), ("bce", {}), ("gbce", {"num_negatives": 32}),
+]
+
+
+def _options(name, options, data):
+    options = dict(options)
+    if options.get("sampling") == "popularity":
+        options["item_counts"] = data.item_counts()
+    if name in ("cce", "sce", "sampled"):
+        options["backend"] = "torch"
+    return options
+
+
+@pytest.mark.parametrize(("name", "options"), LOSS_CASES, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()) or "default")
+def test_each_loss_trains_on_a_real_slice(ml1m_slice, name, options):
+    split = leave_one_out(ml1m_slice)
+    model = tiny_model(split.num_items, hidden_dim=32, max_len=30)
+    loss_fn = build_loss(name, seed=1, **_options(name, options, ml1m_slice))
+    inputs, targets = TrainBatches(split.train, max_len=30, batch_size=SLICE_USERS).collate(split.train)
+
+    def measured():
+        model.eval()
+        loss_fn.reseed(123)  # the same negatives / buckets before and after
+        with torch.no_grad():
+            return loss_fn(model(inputs), model.item_weight(), targets).item()
+
+    before = measured()
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3, betas=(0.9, 0.98))
+    model.train()
+    for _ in range(12):
+        loss = loss_fn(model(inputs), model.item_weight(), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        assert torch.equal(model.item_emb.weight.grad[0], torch.zeros(32)), "padding row got a gradient"
+        optimizer.step()
+    after = measured()
+    assert math.isfinite(before) and after < 0.95 * before, (name, before, after)
+
+
+def test_ce_and_cce_agree_and_padding_is_not_an_item():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64)
+    weight = torch.randn(11, 8, dtype=torch.float64)
+    targets = torch.tensor([[0, 0, 3, 10, 1], [4, 5, 6, 7, 8]])
+    valid = targets != 0
+    want = torch.nn.functional.cross_entropy(hidden[valid] @ weight[1:].T, targets[valid] - 1)
+    for name in ("ce", "cce"):
+        torch.testing.assert_close(build_loss(name)(hidden, weight, targets), want)
+        torch.testing.assert_close(build_loss(name, compact=False)(hidden, weight, targets), want)
+
+
+def test_bce_and_gbce_match_the_formula():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    targets = torch.tensor([[0, 2, 5]])
+    k, t = 4, 0.5
+    loss = build_loss("gbce", num_negatives=k, t=t, seed=7)
+    got = loss(hidden, weight, targets)
+    # Redraw the same negatives: uniform over items 1..8, i.e. indices 0..7 of weight[1:].
+    gen = torch.Generator().manual_seed(7)
+    negatives = torch.randint(0, 8, (2, k), generator=gen) + 1
+    h, y = hidden[0, 1:], targets[0, 1:]
+    s_pos, s_neg = (h * weight[y]).sum(-1), torch.einsum("nd,nkd->nk", h, weight[negatives])
+    beta = gbce_beta(k, 8, t)
+    alpha = k / 7
+    assert beta == pytest.approx(alpha * (t * (1 - 1 / alpha) + 1 / alpha))
+    per_row = -(torch.log(torch.sigmoid(s_pos) ** beta) + torch.log(1 - torch.sigmoid(s_neg)).sum(-1)) / (1 + k)
+    torch.testing.assert_close(got, per_row.mean())
+    assert gbce_beta(k, 8, 0.0) == pytest.approx(1.0) and gbce_beta(k, 8, 1.0) == pytest.approx(alpha)
+    bce = build_loss("bce", num_negatives=k, seed=7)(hidden, weight, targets)
+    per_row_bce = -(torch.log(torch.sigmoid(s_pos)) + torch.log(1 - torch.sigmoid(s_neg)).sum(-1)) / (1 + k)
+    torch.testing.assert_close(bce, per_row_bce.mean())
+
+
+def test_sampled_negatives_never_padding():
+    # With weight[1:] as the catalogue, index 0 of what the library samples is item 1: a huge score on row 0 of
+    # the table (padding) must not change the loss.
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 4, 8), torch.randn(6, 8)
+    targets = torch.tensor([[0, 1, 2, 3], [4, 5, 1, 2]])
+    for name, options in [("sampled", {"num_negatives": 16, "backend": "torch"}), ("bce", {"num_negatives": 16}),
+                          ("gbce", {"num_negatives": 16}), ("sce", {"backend": "torch"}), ("ce", {})]:
+        base = build_loss(name, seed=3, **options)(hidden, weight, targets)
+        poisoned = weight.clone()
+        poisoned[0] = 1e3 * hidden.reshape(-1, 8).mean(0)
+        again = build_loss(name, seed=3, **options)(hidden, poisoned, targets)
+        torch.testing.assert_close(again, base, msg=name)
+
+
+def test_loss_option_errors():
+    with pytest.raises(ValueError, match="loss must be one of"):
+        build_loss("softmax")
+    with pytest.raises(TypeError, match="takes no options"):
+        build_loss("ce", num_negatives=3)
+    with pytest.raises(ValueError, match="num_negatives"):
+        build_loss("bce", num_negatives=0)
+    with pytest.raises(ValueError, match="t must be"):
+        build_loss("gbce", t=2.0)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _table(scores):
+    """An item table whose item i scores ``scores[i - 1]`` for the user vector [1]."""
+    return torch.tensor([[0.0]] + [[s] for s in scores])
+
+
+def test_metrics_hand_computed_with_ties_and_seen_items():
+    # Items 1..6 score [5, 3, 5, 1, 4, 3]: ranking by (score desc, id asc) is 1, 3, 5, 2, 6, 4.
+    weight = _table([5, 3, 5, 1, 4, 3])
+    scorer = lambda batch: torch.ones(len(batch), 1)
+    inputs = [np.array([4]), np.array([1]), np.array([2]), np.array([3])]
+    targets = [3, 6, 2, 5]
+    # user 0: seen {4}: ranking 1 3 5 2 6 -> target 3 at rank 2
+    # user 1: seen {1}: ranking 3 5 2 6 4 -> target 6 at rank 4 (tie 2 vs 6: 2 first)
+    # user 2: seen {2}: target 2 excluded -> miss
+    # user 3: seen {3}: ranking 1 5 2 6 4 -> target 5 at rank 2
+    m = rank_metrics(scorer, weight, inputs, targets, ks=(1, 2, 5))
+    assert m["users"] == 4
+    assert m["hr@1"] == 0 and m["hr@2"] == pytest.approx(2 / 4) and m["hr@5"] == pytest.approx(3 / 4)
+    assert m["ndcg@2"] == pytest.approx((2 / math.log2(3)) / 4)
+    assert m["ndcg@5"] == pytest.approx((2 / math.log2(3) + 1 / math.log2(5)) / 4)
+    assert m["mrr@5"] == pytest.approx((0.5 + 0.25 + 0.5) / 4)
+    # top-1 lists: 1, 3, 1, 1 -> items {1, 3}; top-2: {1,3} {3,5} {1,3} {1,5} -> {1, 3, 5}
+    assert m["cov@1"] == pytest.approx(2 / 6) and m["cov@2"] == pytest.approx(3 / 6)
+    no_exclusion = rank_metrics(scorer, weight, inputs, targets, ks=(5,), exclude_seen=False)
+    # ranking 1 3 5 2 6 4 for all: ranks 2, 5, 4, 3
+    assert no_exclusion["mrr@5"] == pytest.approx((1 / 2 + 1 / 5 + 1 / 4 + 1 / 3) / 4)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_streaming_topk_matches_a_full_sort_with_ties(chunk):
+    gen = torch.Generator().manual_seed(0)
+    users = torch.randint(-2, 3, (9, 3), generator=gen).float()
+    weight = torch.randint(-2, 3, (41, 3), generator=gen).float()  # few distinct scores: many ties
+    exclude = [np.array([1, 2, 40]), np.array([], dtype=np.int64)] + [np.array([5 * i]) for i in range(1, 8)]
+    scores, items = streaming_topk(users, weight, 12, exclude=exclude, item_chunk=chunk)
+    full = (users @ weight.T).numpy()
+    for b in range(9):
+        s = full[b, 1:].copy()
+        s[np.asarray(exclude[b], dtype=np.int64) - 1] = -np.inf
+        order = np.lexsort((np.arange(1, 41), -s))[:12] + 1
+        assert items[b].tolist() == order.tolist(), b
+        assert scores[b].tolist() == s[order - 1].tolist()
+
+
+def test_ranking_is_independent_of_user_batching():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(60, 4, generator=gen)
+    vectors = torch.randn(10, 4, generator=gen)
+    inputs = [np.array([i + 1]) for i in range(10)]
+    targets = torch.randint(1, 60, (10,), generator=gen)
+    scorer_state = {"next": 0}
+
+    def scorer(batch):
+        start = scorer_state["next"]
+        scorer_state["next"] += len(batch)
+        return vectors[start:start + len(batch)]
+
+    results = []
+    for users_per_batch, item_chunk in [(10, None), (3, 7), (1, 59)]:
+        scorer_state["next"] = 0
+        results.append(rank_metrics(scorer, weight, inputs, targets, users_per_batch=users_per_batch,
+                                    item_chunk=item_chunk))
+    assert results[0] == results[1] == results[2]
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("1 2 3", "expected 'user item'"), ("1", "expected 'user item'"), ("1 x", "ids must be integers"),
+    ("1 2.5", "ids must be integers"), ("0 5", "ids start at 1"), ("3 0", "ids start at 1"),
+])
+def test_reader_rejects_malformed_lines_with_file_and_line(tmp_path, line, why):
+    path = tmp_path / "bad.txt"
+    path.write_text(f"1 1\n1 2\n\n{line}\n2 3\n")
+    with pytest.raises(ValueError, match=rf"bad\.txt:4: {why}"):
+        read_sasrec_txt(path)
+
+
+def test_reader_groups_users_in_order(tmp_path):
+    path = tmp_path / "ok.txt"
+    path.write_text("5 3\n5 1\n2 7\n5 2\n")
+    data = read_sasrec_txt(path)
+    assert data.user_ids.tolist() == [5, 2] and data.num_items == 7
+    assert [s.tolist() for s in data.sequences] == [[3, 1, 2], [7]]
+    assert data.item_counts().tolist() == [0, 1, 1, 1, 0, 0, 0, 1]
+
+
+def test_leave_one_out_on_a_toy_log():
+    data = SequenceData([np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([2, 4, 6])], 6, np.arange(3))
+    split = leave_one_out(data)
+    assert [s.tolist() for s in split.train] == [[1, 2], [5, 6], [2]]
+    assert [s.tolist() for s in split.valid_inputs] == [[1, 2], [2]] and split.valid_targets.tolist() == [3, 4]
+    assert [s.tolist() for s in split.test_inputs] == [[1, 2, 3], [2, 4]] and split.test_targets.tolist() == [4, 6]
+
+
+def test_temporal_split_on_a_toy_log():
+    rows = [  # user, item, timestamp
+        ("a", 10, 1), ("a", 11, 2), ("a", 12, 3),  # train-only user
+        ("b", 11, 4), ("b", 12, 5), ("b", 13, 6),  # train-only user
+        ("c", 10, 1), ("c", 12, 97), ("c", 10, 98), ("c", 99, 98), ("c", 11, 99),  # test user, 99 unseen in train
+        ("d", 10, 2), ("d", 11, 100),  # test user with too few test-period interactions
+    ] + [("e", 13, t) for t in range(7, 18)]
+    table = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    split = temporal_split(table, quantile=0.83)  # 24 timestamps: position 0.83 * 23 -> 19 (nearest): 97
+    assert split.info["cut_timestamp"] == 97
+    assert split.item_ids.tolist() == [0, 10, 11, 12, 13]  # item 99 never seen in training: dropped
+    assert len(split.train) == 3  # a, b, e; c and d are test users, removed from training entirely
+    assert [s.tolist() for s in split.train] == [[1, 2, 3], [2, 3, 4], [4] * 11]
+    # c from t*: 12, 10, (99 dropped), 11 -> valid: [12] -> 10, test: [12, 10] -> 11. d has 1 test item: skipped.
+    assert [s.tolist() for s in split.valid_inputs] == [[3]] and split.valid_targets.tolist() == [1]
+    assert [s.tolist() for s in split.test_inputs] == [[3, 1]] and split.test_targets.tolist() == [2]
+
+
+def test_filters_and_reindexing(tmp_path):
+    table = pd.DataFrame({"uid": [1, 1, 1, 2, 2, 3], "iid": [7, 8, 7, 7, 9, 7], "ts": [3, 1, 2, 1, 2, 1]})
+    path = tmp_path / "log.csv"
+    table.to_csv(path, index=False)
+    read = read_interactions(path, user_col="uid", item_col="iid", time_col="ts")
+    assert list(read.columns) == ["user", "item", "timestamp"]
+    filtered = filter_min_interactions(read, min_item=2, min_user=2)  # item 8, 9 go; then users 2, 3 go
+    assert sorted(filtered["item"].unique()) == [7] and sorted(filtered["user"].unique()) == [1]
+    data = table_to_sequences(read)
+    assert data.item_ids.tolist() == [0, 7, 8, 9]
+    assert [s.tolist() for s in data.sequences] == [[2, 1, 1], [1, 3], [1]]  # time-ordered, re-indexed
+    read.to_parquet(tmp_path / "log.parquet")
+    assert read_interactions(tmp_path / "log.parquet").equals(read)
+    with pytest.raises(ValueError, match="missing column"):
+        read_interactions(path)
+
+
+def test_train_batches_are_right_aligned_windows():
+    batches = TrainBatches([np.array([1, 2, 3, 4, 5, 6]), np.array([7, 8]), np.array([9])], max_len=4,
+                           batch_size=8)
+    assert len(batches.histories) == 2  # a 1-item history has no transition
+    inputs, targets = batches.collate(batches.histories)
+    assert inputs.tolist() == [[2, 3, 4, 5], [0, 0, 0, 7]]
+    assert targets.tolist() == [[3, 4, 5, 6], [0, 0, 0, 8]]
+    assert sum(len(x) for x, _ in batches) == 2
+
+
+def _fake_archive(folder):
+    archive = folder / "source.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "1::10::5::978300760\n1::11::3::978302109\n2::10::4::978301968\n")
+    return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_movielens_download_checks_sha256_and_extracts(tmp_path):
+    archive, digest = _fake_archive(tmp_path)
+    dest = tmp_path / "dest"
+    ratings = download_movielens_1m(dest, url=archive.as_uri(), sha256=digest)
+    table = read_movielens_ratings(ratings)
+    assert table.shape == (3, 4) and table["item"].tolist() == [10, 11, 10]
+    archive.unlink()  # a second call finds the verified archive and does not download
+    assert download_movielens_1m(dest, url=archive.as_uri(), sha256=digest) == ratings
+
+
+def test_movielens_download_rejects_a_wrong_checksum(tmp_path):
+    archive, _ = _fake_archive(tmp_path)
+    dest = tmp_path / "dest"
+    with pytest.raises(ValueError, match="SHA-256"):
+        download_movielens_1m(dest, url=archive.as_uri(), sha256="0" * 64)
+    assert os.listdir(dest) == []  # nothing half-downloaded is left behind
+
+
+# ---------------------------------------------------------------- training, checkpoints, CLI
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(25, mlet_inner_dim=32).eval()
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model, {"epoch": 3})
+    loaded, extra = load_checkpoint(path)
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    assert extra == {"epoch": 3} and loaded.config == model.config
+    torch.testing.assert_close(loaded(seq), model(seq), rtol=0, atol=0)
+
+
+def test_train_early_stops_and_restores_the_best(ml1m_slice, tmp_path):
+    split = leave_one_out(ml1m_slice)
+    model = tiny_model(split.num_items, max_len=20)
+    result = train(model, split, build_loss("cce"), TrainConfig(
+        batch_size=32, max_epochs=3, patience=1, progress=False, out_dir=str(tmp_path), lr=1e-2), log=None)
+    assert result["epochs_run"] <= 3 and 1 <= result["best_epoch"] <= 3
+    assert result["loss_peak_bytes"] >= 0 and result["test"]["users"] == SLICE_USERS
+    loaded, extra = load_checkpoint(str(tmp_path / "best.pt"))
+    assert extra["epoch"] == result["best_epoch"]
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == result["best_epoch"]
+
+
+def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
+    path = tmp_path / "slice.txt"
+    with open(path, "w") as f:
+        for user, seq in enumerate(ml1m_slice.sequences[:24], start=1):
+            f.writelines(f"{user} {item}\n" for item in seq)
+    out = tmp_path / "run"
+    code = cli_main(["--data", str(path), "--loss", "sce", "--hidden-dim", "16", "--max-len", "20", "--epochs", "2",
+                     "--batch-size", "16", "--no-progress", "--device", "cpu", "--out", str(out), "--seed", "3"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert summary["ndcg@10"] == round(metrics["test"]["ndcg@10"], 4)
+    assert set(metrics["test"]) >= {f"{m}@{k}" for m in ("hr", "ndcg", "mrr", "cov") for k in (1, 5, 10, 20, 50)}
+    assert (out / "best.pt").exists() and len(metrics["history"]) == 2
+
+
+def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = [(u, int(rng.integers(1, 30)), int(t)) for u in range(40) for t in rng.integers(0, 1000, 12)]
+    path = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["user", "item", "timestamp"]).to_csv(path, index=False)
+    out = tmp_path / "run"
+    assert cli_main(["--data", str(path), "--split", "temporal", "--loss", "gbce", "--num-negatives", "4",
+                     "--hidden-dim", "8", "--max-len", "8", "--epochs", "1", "--no-progress", "--out", str(out),
+                     "--min-item-interactions", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["split"]["protocol"] == "temporal"
+    assert cli_main(["--data", str(tmp_path / "missing.txt")]) == 2
+    assert cli_main(["--data", str(path), "--loss", "bce", "--num-negatives", "0"]) == 2
+    assert "num_negatives" in capsys.readouterr().err
+
+
+def test_all_losses_are_covered():
+    assert {name for name, _ in LOSS_CASES} == set(LOSS_NAMES)
