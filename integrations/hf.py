@@ -163,12 +163,28 @@ def _fused_loss(model, settings: _Settings, transforms, hidden, head, labels, kw
     return loss
 
 
+def _as_keywords(signature: inspect.Signature, self, args: tuple, kwargs: dict) -> dict:
+    """All arguments of a forward call by name, so labels passed positionally are found too."""
+    bound = signature.bind_partial(self, *args, **kwargs).arguments
+    named = {k: v for k, v in bound.items() if signature.parameters[k].kind != inspect.Parameter.VAR_KEYWORD}
+    for name, param in signature.parameters.items():
+        if param.kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(bound.get(name, {}))
+    named.pop(next(iter(signature.parameters)))  # self
+    return named
+
+
 def _make_forward(original: Callable, settings: _Settings, transforms: list[LogitTransform], head_name: str):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        labels = kwargs.get("labels")
-        if labels is None or not (self.training or settings.fused_in_eval):
+        if not (self.training or settings.fused_in_eval):
             return original(self, *args, **kwargs)
+        kwargs = _as_keywords(signature, self, args, kwargs)
+        labels = kwargs.get("labels")
+        if labels is None:
+            return original(self, **kwargs)
         head = getattr(self, head_name)
         if not isinstance(head, torch.nn.Linear):
             raise UnsupportedModelError(
@@ -184,7 +200,7 @@ def _make_forward(original: Callable, settings: _Settings, transforms: list[Logi
 
         head.forward = head_forward
         try:
-            outputs = original(self, *args, return_dict=True, **kwargs)
+            outputs = original(self, return_dict=True, **kwargs)
         finally:
             del head.forward
         loss = captured["loss"]

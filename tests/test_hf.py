@@ -132,6 +132,17 @@ def test_shift_labels_logits_to_keep_and_tuple_output():
     torch.testing.assert_close(model(**inputs, logits_to_keep=k).loss, want_k, rtol=1e-5, atol=1e-6)
 
 
+def test_labels_passed_positionally_are_fused_too():
+    model = tiny_model("llama").train()
+    inputs = batch()
+    want = model(**inputs).loss
+    patch(model)
+    # LlamaForCausalLM.forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
+    out = model(inputs["input_ids"], inputs["attention_mask"], None, None, None, inputs["labels"])
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+
+
 def test_output_layer_hooks_still_run():
     model = tiny_model("llama").train()
     calls = []
