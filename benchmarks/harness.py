@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from largevocab.profiling import device_name  # noqa: F401  (re-exported for the scripts)
+
 
 def time_ms(fn, device: str, repeats: int) -> float:
     """Median milliseconds of ``fn()`` after one warm-up (``triton.testing.do_bench`` on CUDA)."""
@@ -38,18 +40,6 @@ def versions() -> dict:
             continue
         out[name] = getattr(module, "__version__", "installed")
     return out
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 def run_worker(script: str, args: list[str]) -> tuple[dict | None, str]:

@@ -26,7 +26,7 @@ from datetime import date
 
 import torch
 
-from largevocab.profiling import PeakMemory
+from largevocab.profiling import PeakMemory, device_name
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TOKENIZER = os.path.join(DATA_DIR, "gpt2")
@@ -153,18 +153,12 @@ def train_one(loss: str, cfg: JobConfig) -> dict | None:
     measured = sorted(step_seconds[1:] or step_seconds)
     step_s = measured[len(measured) // 2]
     tail = curve[-CURVE_SMOOTHING:]
-    return {"loss": loss, "family": cfg.family, "device": _device_name(accelerator.device),
+    return {"loss": loss, "family": cfg.family, "device": device_name(accelerator.device),
             "processes": accelerator.num_processes,
             "vocab": vocab, "tokens_per_step": cfg.batch_size * cfg.seq_len * accelerator.num_processes,
             "step_ms": step_s * 1e3, "tokens_per_s": cfg.batch_size * cfg.seq_len * accelerator.num_processes / step_s,
             "peak_extra_mib": memory.extra_bytes / 2**20, "train_loss": sum(tail) / len(tail),
             "val_loss": sum(val) / len(val), "curve": curve}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 def _worker_command(loss: str, cfg: JobConfig) -> list[str]:

@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from largevocab.profiling import PeakMemory
+from largevocab.profiling import PeakMemory, device_name
 
 from .data import Split, TrainBatches, right_align
 from .losses import SASRecLoss
@@ -83,18 +82,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {name!r}")
     return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def set_seed(seed: int) -> None:
