@@ -7,15 +7,8 @@ import torch
 import largevocab as lv
 from largevocab.integrations.sasrec import SASRec, SASRecConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP synchronisation, which dominates (60x on a busy 2-core
-    machine) at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: the shared fixture runs this module on one intra-op thread (see conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_forward_and_weight_are_the_product():
