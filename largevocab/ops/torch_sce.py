@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
-# Buckets per chunk are chosen so one chunk's logits hold about this many elements (64 MiB in float32).
-CHUNK_ELEMENTS = 1 << 24
+# Buckets per chunk are chosen so one chunk's logits hold about this many elements (16 MiB in float32). The
+# chunk's exp and mask temporaries scale with it; at 16 MiB a batched matmul is still efficient on CPU (measured on
+# the SASRec ML-1M shape, 20k rows x 283 buckets x 256 items: 0.88 s and 100 MiB peak vs 0.90 s and 191 MiB at
+# 64 MiB chunks).
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
