@@ -25,7 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ce import _LOW_PRECISION, INTERPRET, PROGRAMS_PER_SM, _constexprs, _rows_contiguous, _scatter_tile_grads
+from .triton_ce import (
+    _LOW_PRECISION,
+    INTERPRET,
+    PROGRAMS_PER_SM,
+    _constexprs,
+    _logits_tile,
+    _rows_contiguous,
+    _scatter_tile_grads,
+)
 
 # Planes of the forward's partial results part[PLANES, splits, N].
 PART_MAX = 0
@@ -86,28 +94,6 @@ def _rows_logits(h_ptr, w_ptr, offs_n, neg, live, N, D, stride_hn, stride_wv, BL
 
 
 @triton.jit
-def _shared_logits(h_ptr, w_ptr, offs_n, neg, kmask, N, D, stride_hn, stride_wv, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) tile H[offs_n] @ W[neg]^T with tl.dot; ``neg``/``kmask`` are (BLOCK_K,)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
-    w_rows = w_ptr + neg.to(tl.int64)[:, None] * stride_wv
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        mask_d = d[None, :] < D
-        h = tl.load(h_rows + d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
-        w = tl.load(w_rows + d[None, :], mask=kmask[:, None] & mask_d, other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
-
-
-@triton.jit
 def _online_lse_step(m, sum_exp, s):
     """Fold a tile of logits into the running (max, sum of exp); ``m`` is finite (it starts at the positive)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -117,7 +103,7 @@ def _online_lse_step(m, sum_exp, s):
 
 @triton.jit
 def _sampled_fwd_kernel(
-    h_ptr, w_ptr, tgt_ptr, neg_ptr, corr_ptr, part_ptr, N, K, D, stride_hn, stride_wv, stride_corr, k_per_split,
+    h_ptr, w_ptr, tgt_ptr, neg_ptr, corr_ptr, part_ptr, N, V, K, D, stride_hn, stride_wv, stride_corr, k_per_split,
     SHARED: tl.constexpr, HAS_CORR: tl.constexpr, REMOVE_HITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -142,9 +128,10 @@ def _sampled_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if SHARED:
             kmask = offs_k < k_hi
-            neg = tl.load(neg_ptr + offs_k, mask=kmask, other=0)
-            s = _shared_logits(h_ptr, w_ptr, offs_n, neg, kmask, N, D, stride_hn, stride_wv,
-                               BLOCK_N, BLOCK_K, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION)
+            # Padding lanes index item V, which _logits_tile treats as out of range (reads zeros).
+            neg = tl.load(neg_ptr + offs_k, mask=kmask, other=V)
+            s = _logits_tile(h_ptr, w_ptr, h_ptr, offs_n, neg, N, V, D, stride_hn, stride_wv, h_ptr,
+                             False, False, BLOCK_N, BLOCK_K, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION)
             s = _adjust_logits(s, neg[None, :], kmask[None, :], offs_n, tgt, N, corr_ptr, stride_corr,
                                HAS_CORR, REMOVE_HITS)
         else:
@@ -190,7 +177,7 @@ def _positive_grad(h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, tgt, ds_pos, N, D, stri
 @triton.jit
 def _rows_bwd_kernel(
     h_ptr, w_ptr, tgt_ptr, neg_ptr, corr_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr,
-    N, K, D, stride_hn, stride_wv, stride_corr,
+    N, V, K, D, stride_hn, stride_wv, stride_corr,
     HAS_CORR: tl.constexpr, REMOVE_HITS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -241,7 +228,7 @@ def _rows_bwd_kernel(
 @triton.jit
 def _shared_bwd_kernel(
     h_ptr, w_ptr, tgt_ptr, neg_ptr, corr_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr,
-    N, K, D, stride_hn, stride_wv, stride_corr,
+    N, V, K, D, stride_hn, stride_wv, stride_corr,
     HAS_CORR: tl.constexpr, REMOVE_HITS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -265,9 +252,9 @@ def _shared_bwd_kernel(
         _positive_grad(h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, tgt, ds_pos, N, D, stride_hn, stride_wv,
                        True, NEED_DH, NEED_DW, BLOCK_D, ACC_DTYPE)
 
-    neg = tl.load(neg_ptr + offs_k, mask=kmask, other=0)
-    s = _shared_logits(h_ptr, w_ptr, offs_n, neg, kmask, N, D, stride_hn, stride_wv,
-                       BLOCK_N, BLOCK_K, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION)
+    neg = tl.load(neg_ptr + offs_k, mask=kmask, other=V)
+    s = _logits_tile(h_ptr, w_ptr, h_ptr, offs_n, neg, N, V, D, stride_hn, stride_wv, h_ptr,
+                     False, False, BLOCK_N, BLOCK_K, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION)
     s = _adjust_logits(s, neg[None, :], kmask[None, :], offs_n, tgt, N, corr_ptr, stride_corr,
                        HAS_CORR, REMOVE_HITS)
     ds = g[:, None] * tl.exp(s - lse[:, None])
@@ -339,8 +326,9 @@ def _forward(hidden, weight, targets, negatives, correction, remove_hits: bool, 
     part = torch.empty((PLANES, splits, n_rows), dtype=acc, device=hidden.device)
     _sampled_fwd_kernel[(n_blocks, splits)](
         hidden, weight, targets, negatives, correction if correction is not None else part, part,
-        n_rows, k, dim, hidden.stride(0), weight.stride(0), correction.stride(0) if correction is not None else 0,
-        k_per_split, SHARED=shared, HAS_CORR=correction is not None, REMOVE_HITS=remove_hits,
+        n_rows, weight.shape[0], k, dim, hidden.stride(0), weight.stride(0),
+        correction.stride(0) if correction is not None else 0, k_per_split,
+        SHARED=shared, HAS_CORR=correction is not None, REMOVE_HITS=remove_hits,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_constexprs(hidden),
     )
@@ -367,7 +355,8 @@ def _backward(hidden, weight, targets, negatives, correction, remove_hits: bool,
     args = (
         hidden, weight, targets, negatives, correction if correction is not None else lse, lse, g,
         dh if need_h else lse, dw if need_w else lse,
-        n_rows, k, dim, hidden.stride(0), weight.stride(0), correction.stride(0) if correction is not None else 0,
+        n_rows, weight.shape[0], k, dim, hidden.stride(0), weight.stride(0),
+        correction.stride(0) if correction is not None else 0,
     )
     flags = dict(
         HAS_CORR=correction is not None, REMOVE_HITS=remove_hits, NEED_DH=need_h, NEED_DW=need_w,
