@@ -107,6 +107,17 @@ def test_ce_benchmark_sweeps_shapes_and_approximate_losses(tmp_path):
     assert table.count("| lv_sce |") == 2 and "V=600" in table
 
 
+def test_gpu_session_script_plumbing_at_toy_sizes(tmp_path):
+    """The GPU stages' commands run end to end (SMOKE=1: toy sizes on this machine), and a bad stage is refused."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", script, "ce"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {r["provider"] for r in read_csv(tmp_path / "ce.csv")} == {"torch_eager", "lv_torch"}
+    bad = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
 def test_sasrec_benchmark_runs_single_and_under_accelerate_with_two_processes(tmp_path):
     out_csv = tmp_path / "sasrec.csv"
     common = ["--catalogues", "1500", "--batch-size", "8", "--max-len", "16", "--dim", "16", "--steps", "2"]
