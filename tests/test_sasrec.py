@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -40,6 +42,7 @@ from largevocab.integrations.sasrec.cli import main as cli_main
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ML1M = os.path.join(SHARED_DATA, "rec", "ml-1m.txt")
+COLLECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "collect_sasrec.py")
 SLICE_USERS = 64
 
 
@@ -410,6 +413,14 @@ def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
     assert summary["ndcg@10"] == round(metrics["test"]["ndcg@10"], 4)
     assert set(metrics["test"]) >= {f"{m}@{k}" for m in ("hr", "ndcg", "mrr", "cov") for k in (1, 5, 10, 20, 50)}
     assert (out / "best.pt").exists() and len(metrics["history"]) == 2
+    # benchmarks/collect_sasrec.py turns such runs into the committed results JSON and table.
+    collected = tmp_path / "collected.json"
+    collect = subprocess.run([sys.executable, COLLECT, str(out), "--out", str(collected), "--meta", "date=today"],
+                             capture_output=True, text=True, timeout=120)
+    assert collect.returncode == 0, collect.stderr
+    result = json.loads(collected.read_text())
+    assert result["date"] == "today" and result["rows"][0]["test"] == metrics["test"]
+    assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" in collect.stdout
 
 
 def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
