@@ -19,6 +19,7 @@ MIB = 2**20
 # argv entries every run of a study shares: left out of the table's "options" column.
 COMMON_FLAGS = {"--data", "--max-len", "--epochs", "--patience", "--seed", "--device", "--threads", "--out",
                 "--no-progress", "--loss"}
+VALUELESS_FLAGS = {"--no-progress"}
 
 
 def load_run(run_dir: str) -> dict:
@@ -61,15 +62,13 @@ def loss_name(row: dict) -> str:
 
 def options(argv: list[str]) -> str:
     """The run's own flags (those not shared by the study), e.g. ``--bucket-size-y 1024``."""
-    kept, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] in COMMON_FLAGS:
+            i += 1 if argv[i] in VALUELESS_FLAGS else 2
             continue
-        if arg in COMMON_FLAGS:
-            skip = arg != "--no-progress" and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        kept.append(arg)
+        kept.append(argv[i])
+        i += 1
     return " ".join(kept) or "defaults"
 
 

@@ -15,6 +15,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: gpu_session.sh fetch|tests|ce|catalogue|sampled}
+case "$STAGE" in
+fetch|tests|ce|catalogue|sampled) ;;
+*) echo "unknown stage $STAGE (fetch|tests|ce|catalogue|sampled)" >&2; exit 2 ;;
+esac
 RESULTS=${OUT:-benchmarks/results/tmp}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
@@ -49,6 +53,9 @@ else
     SMP_N=32768; SMP_KS="512 1024 2048 4096"; SMP_V=1000000; SMP_D=256
 fi
 
+# Every stage but fetch runs on the device machine (SMOKE=1: here, with this machine's environment as it is).
+[[ $STAGE == fetch || ${SMOKE:-0} == 1 ]] || setup_device
+
 case "$STAGE" in
 fetch)
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
@@ -59,31 +66,22 @@ fetch)
     echo "carry .whl in every device call of the ce stage"
     ;;
 tests)
-    [[ ${SMOKE:-0} == 1 ]] || setup_device
-    set -o pipefail
     "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$RESULTS/pytest_gpu.log"
     # The whole suite on the GPU: every Triton test then compiles real kernels instead of interpreting them.
     "$PY" -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$RESULTS/pytest_all.log"
     ;;
 ce)
-    [[ ${SMOKE:-0} == 1 ]] || setup_device
     "$PY" benchmarks/bench_ce.py --device "$DEVICE" --dtype "$DTYPE" --n "$CE_N" --v "$CE_V" --d "$CE_D" \
         --providers "$CE_PROVIDERS" --out "$RESULTS/ce.csv" 2>&1 | tee "$RESULTS/ce.log"
     ;;
 catalogue)
-    [[ ${SMOKE:-0} == 1 ]] || setup_device
     "$PY" benchmarks/bench_catalogue.py --device "$DEVICE" --dtype float32 --n "$CAT_N" --v "$CAT_V" --d "$CAT_D" \
         --out "$RESULTS/catalogue.csv" 2>&1 | tee "$RESULTS/catalogue.log"
     ;;
 sampled)
-    [[ ${SMOKE:-0} == 1 ]] || setup_device
     for k in $SMP_KS; do
         "$PY" benchmarks/bench_sampled.py --device "$DEVICE" --dtype float32 --n "$SMP_N" --k "$k" --v "$SMP_V" \
             --d "$SMP_D" --out "$RESULTS/sampled.csv" 2>&1 | tee -a "$RESULTS/sampled.log"
     done
-    ;;
-*)
-    echo "unknown stage $STAGE (fetch|tests|ce|catalogue|sampled)" >&2
-    exit 2
     ;;
 esac
