@@ -27,11 +27,12 @@ from .._common import CEOptions, combine_loss
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Slots of the per-call scalar tensor: passed in the accumulation dtype because Triton's scalar arguments are
-# float32, which would round e.g. 1 - label_smoothing in float64 gradchecks.
-PARAM_SOFTCAP: tl.constexpr = 0
-PARAM_ONE_MINUS_EPS: tl.constexpr = 1
-PARAM_EPS_OVER_V: tl.constexpr = 2
-PARAM_FILTER_EPS: tl.constexpr = 3
+# float32, which would round e.g. 1 - label_smoothing in float64 gradchecks. Globals read inside kernels must be
+# constexpr instances: the compiler rejects an annotated int (the interpreter does not).
+PARAM_SOFTCAP = tl.constexpr(0)
+PARAM_ONE_MINUS_EPS = tl.constexpr(1)
+PARAM_EPS_OVER_V = tl.constexpr(2)
+PARAM_FILTER_EPS = tl.constexpr(3)
 # The forward splits the vocabulary so that at least this many programs per SM keep the GPU busy at small N.
 PROGRAMS_PER_SM = 2
 
@@ -191,7 +192,8 @@ def _vocab_block(order_ptr, start, V, BLOCK_V: tl.constexpr, SORTED: tl.constexp
     of the backward's visiting order (padding lanes get V, which every load and store masks out)."""
     pos = start + tl.arange(0, BLOCK_V)
     if SORTED:
-        return tl.load(order_ptr + pos, mask=pos < V, other=V)
+        # Both branches must return int32 for the compiler; ids are < V < 2^31, and callers widen before scaling.
+        return tl.load(order_ptr + pos, mask=pos < V, other=V).to(tl.int32)
     return pos
 
 
@@ -255,8 +257,8 @@ def _ce_bwd_dh_kernel(
             HAS_SOFTCAP, HAS_GRAD_LSE, FILTER,
         )
         if keep:
-            if not UPCAST:
-                dz = dz.to(h_ptr.dtype.element_ty)
+            # A new name: the compiler forbids changing a variable's dtype inside a runtime branch.
+            dz_op = dz if UPCAST else dz.to(h_ptr.dtype.element_ty)
             w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
             mask_v = offs_v < V
             for d0 in range(0, D, BLOCK_D):
@@ -266,7 +268,7 @@ def _ce_bwd_dh_kernel(
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.load(dh_rows + d[None, :], mask=mask, other=0.0)
-                dh += tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                dh += tl.dot(dz_op, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
                 tl.store(dh_rows + d[None, :], dh, mask=mask)
 
 
@@ -298,8 +300,7 @@ def _ce_bwd_dw_kernel(
         )
         if keep:
             db += tl.sum(dz, axis=0)
-            if not UPCAST:
-                dz = dz.to(h_ptr.dtype.element_ty)
+            dz_op = dz if UPCAST else dz.to(h_ptr.dtype.element_ty)
             h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
             mask_n = offs_n < N
             for d0 in range(0, D, BLOCK_D):
@@ -309,7 +310,7 @@ def _ce_bwd_dw_kernel(
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.load(dw_rows + d[None, :], mask=mask, other=0.0)
-                dw += tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                dw += tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
                 tl.store(dw_rows + d[None, :], dw, mask=mask)
     if NEED_DB:
         tl.store(db_ptr + offs_v, db, mask=mask_v)

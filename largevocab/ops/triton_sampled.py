@@ -36,9 +36,11 @@ from .triton_ce import (
 )
 
 # Planes of the forward's partial results part[PLANES, splits, N].
-PART_MAX = 0
-PART_SUM_EXP = 1
-PART_POSITIVE = 2
+# Constexpr instances because the kernels read them (the compiler rejects plain global ints; the interpreter
+# does not).
+PART_MAX = tl.constexpr(0)
+PART_SUM_EXP = tl.constexpr(1)
+PART_POSITIVE = tl.constexpr(2)
 PLANES = 3
 
 
@@ -332,10 +334,10 @@ def _forward(hidden, weight, targets, negatives, correction, remove_hits: bool, 
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_constexprs(hidden),
     )
-    m, sum_exp = part[PART_MAX], part[PART_SUM_EXP]
+    m, sum_exp = part[PART_MAX.value], part[PART_SUM_EXP.value]
     m_max = m.max(dim=0).values
     lse = m_max + (sum_exp * torch.exp(m - m_max)).sum(dim=0).log()
-    return lse, part[PART_POSITIVE, 0]
+    return lse, part[PART_POSITIVE.value, 0]
 
 
 def _backward(hidden, weight, targets, negatives, correction, remove_hits: bool, lse, g, needs):
