@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
 import triton.language as tl
 
 from .._common import CEOptions, combine_loss
+from ._launch import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -321,6 +323,7 @@ def _ce_bwd_dw_kernel(
 
 @dataclass(frozen=True)
 class _LaunchConfig:
+    COLUMNS: ClassVar[str] = "BLOCK_V"  # the tile axis the shared-memory fallback may narrow
     BLOCK_N: int
     BLOCK_V: int
     BLOCK_D: int
@@ -390,12 +393,12 @@ def _forward(hidden, weight, bias, targets, opts: CEOptions, splits: int | None 
     splits = triton.cdiv(vocab, v_per_split)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     part = torch.empty((4, splits, n_rows), dtype=acc, device=hidden.device)
-    _ce_fwd_kernel[(n_blocks, splits)](
+    launch(
+        _ce_fwd_kernel, (n_blocks, splits), cfg, hidden.device,
         hidden, weight, bias if bias is not None else hidden, targets, part, _params(opts, vocab, acc, hidden.device),
         n_rows, vocab, dim, hidden.stride(0), weight.stride(0), v_per_split,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        **consts,
     )
     m, sum_exp, tgt_logit, logit_sum = part.unbind(0)
     m_max = m.max(dim=0).values
@@ -437,20 +440,25 @@ def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, nee
     )
     flags = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_GRAD_LSE=gl is not None,
-        FILTER=filtering, SORTED=order is not None,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        FILTER=filtering, SORTED=order is not None, **consts,
     )
-    n_blocks, v_blocks = triton.cdiv(n_rows, cfg.BLOCK_N), triton.cdiv(vocab, cfg.BLOCK_V)
+    n_blocks = triton.cdiv(n_rows, cfg.BLOCK_N)
+    device = hidden.device
+
+    def v_blocks(c):
+        return triton.cdiv(vocab, c.BLOCK_V)
+
     if deterministic:
         if need_h:
-            _ce_bwd_dh_kernel[(n_blocks,)](*common, dh, *scalars, **flags)
+            launch(_ce_bwd_dh_kernel, (n_blocks,), cfg, device, *common, dh, *scalars, **flags)
         if need_w or need_b:
-            _ce_bwd_dw_kernel[(v_blocks,)](
-                *common, dw if need_w else dummy, db if need_b else dummy, *scalars, NEED_DB=need_b, **flags
+            launch(
+                _ce_bwd_dw_kernel, lambda c: (v_blocks(c),), cfg, device,
+                *common, dw if need_w else dummy, db if need_b else dummy, *scalars, NEED_DB=need_b, **flags,
             )
     else:
-        _ce_bwd_kernel[(v_blocks, n_blocks)](
+        launch(
+            _ce_bwd_kernel, lambda c: (v_blocks(c), n_blocks), cfg, device,
             *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy, *scalars,
             NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b, **flags,
         )

@@ -20,11 +20,13 @@ dH is accumulated with atomics like ``triton_ce``'s backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .triton_ce import (
     _LOW_PRECISION,
     INTERPRET,
@@ -270,6 +272,7 @@ def _shared_bwd_kernel(
 
 @dataclass(frozen=True)
 class _LaunchConfig:
+    COLUMNS: ClassVar[str] = "BLOCK_K"  # the tile axis the shared-memory fallback may narrow
     BLOCK_N: int
     BLOCK_K: int
     BLOCK_D: int
@@ -326,13 +329,12 @@ def _forward(hidden, weight, targets, negatives, correction, remove_hits: bool, 
     splits = triton.cdiv(k, k_per_split) if k else 1
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     part = torch.empty((PLANES, splits, n_rows), dtype=acc, device=hidden.device)
-    _sampled_fwd_kernel[(n_blocks, splits)](
+    launch(
+        _sampled_fwd_kernel, (n_blocks, splits), cfg, hidden.device,
         hidden, weight, targets, negatives, correction if correction is not None else part, part,
         n_rows, weight.shape[0], k, dim, hidden.stride(0), weight.stride(0),
         correction.stride(0) if correction is not None else 0, k_per_split,
-        SHARED=shared, HAS_CORR=correction is not None, REMOVE_HITS=remove_hits,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_constexprs(hidden),
+        SHARED=shared, HAS_CORR=correction is not None, REMOVE_HITS=remove_hits, **_constexprs(hidden),
     )
     m, sum_exp = part[PART_MAX.value], part[PART_SUM_EXP.value]
     m_max = m.max(dim=0).values
@@ -360,18 +362,15 @@ def _backward(hidden, weight, targets, negatives, correction, remove_hits: bool,
         n_rows, weight.shape[0], k, dim, hidden.stride(0), weight.stride(0),
         correction.stride(0) if correction is not None else 0,
     )
-    flags = dict(
-        HAS_CORR=correction is not None, REMOVE_HITS=remove_hits, NEED_DH=need_h, NEED_DW=need_w,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    flags = dict(HAS_CORR=correction is not None, REMOVE_HITS=remove_hits, NEED_DH=need_h, NEED_DW=need_w)
     n_blocks = triton.cdiv(n_rows, cfg.BLOCK_N)
     if shared:
         # At least one K block so that the positive's terms (added by the first K block) exist when K = 0.
-        k_blocks = max(1, triton.cdiv(k, cfg.BLOCK_K))
-        _shared_bwd_kernel[(k_blocks, n_blocks)](*args, **flags, **_constexprs(hidden))
+        launch(_shared_bwd_kernel, lambda c: (max(1, triton.cdiv(k, c.BLOCK_K)), n_blocks), cfg, hidden.device,
+               *args, **flags, **_constexprs(hidden))
     else:
-        _rows_bwd_kernel[(n_blocks,)](*args, **flags, ACC_DTYPE=_constexprs(hidden)["ACC_DTYPE"])
+        launch(_rows_bwd_kernel, (n_blocks,), cfg, hidden.device, *args, **flags,
+               ACC_DTYPE=_constexprs(hidden)["ACC_DTYPE"])
     return dh, dw
 
 

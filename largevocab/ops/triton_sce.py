@@ -11,11 +11,13 @@ fixed configuration).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .torch_sce import add_positive_grad, positive_logits
 from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous, _scatter_tile_grads
 
@@ -90,6 +92,7 @@ def _bucket_lse_bwd_kernel(
 
 @dataclass(frozen=True)
 class _LaunchConfig:
+    COLUMNS: ClassVar[str] = "BLOCK_C"  # the tile axis the shared-memory fallback may narrow
     BLOCK_R: int
     BLOCK_C: int
     BLOCK_D: int
@@ -125,10 +128,10 @@ class _TritonBucketLSE(torch.autograd.Function):
         cfg = _config(hidden.dtype)
         consts = _constexprs(hidden)
         lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-        _bucket_lse_fwd_kernel[(n_buckets, triton.cdiv(r, cfg.BLOCK_R))](
+        launch(
+            _bucket_lse_fwd_kernel, (n_buckets, triton.cdiv(r, cfg.BLOCK_R)), cfg, hidden.device,
             hidden, weight, targets, rows, cols, lse, hidden.shape[0], weight.shape[0], hidden.shape[1], r, c,
-            hidden.stride(0), weight.stride(0), BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+            hidden.stride(0), weight.stride(0), **consts,
         )
         ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
         ctx.set_materialize_grads(False)
@@ -149,12 +152,13 @@ class _TritonBucketLSE(torch.autograd.Function):
                               grad_positive.to(lse.dtype))
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
-        grid = (n_buckets, triton.cdiv(r, cfg.BLOCK_R), triton.cdiv(c, cfg.BLOCK_C))
-        _bucket_lse_bwd_kernel[grid](
+        launch(
+            _bucket_lse_bwd_kernel,
+            lambda config: (n_buckets, triton.cdiv(r, config.BLOCK_R), triton.cdiv(c, config.BLOCK_C)),
+            cfg, hidden.device,
             hidden, weight, targets, rows, cols, lse, grad_lse.to(lse.dtype).contiguous(), dh, dw,
             hidden.shape[0], weight.shape[0], hidden.shape[1], r, c, hidden.stride(0), weight.stride(0),
-            NEED_DH=need_h, NEED_DW=need_w, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+            NEED_DH=need_h, NEED_DW=need_w, **consts,
         )
         return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None, None, None, None)
 
