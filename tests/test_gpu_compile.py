@@ -1,0 +1,180 @@
+"""Every Triton kernel variant compiles for real GPU targets and fits their shared memory, without a GPU.
+
+The rest of the suite runs the kernels under the CPU interpreter, which accepts code the GPU compiler rejects
+(non-constexpr globals, branch-dependent dtypes) and never allocates shared memory. These tests run
+``benchmarks/kernel_resources.py`` (the real launchers, compile-only, Triton's bundled ptxas) for an H100 (sm_90,
+227 KiB per block) and a consumer Ampere GPU (sm_86, 99 KiB), and test the launchers' shared-memory fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from largevocab.ops import _launch
+from largevocab.ops._launch import MIN_BLOCK_D, launch, smaller
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "benchmarks" / "kernel_resources.py"
+# Every dtype for the H100 the configurations are tuned for. On the 99 KiB consumer GPU, to keep the compile time
+# down, the two with the largest tiles: tf32 (float32 operands) and bf16 (fp16 compiles the same way).
+DTYPES_BY_ARCH = {90: ("fp32", "tf32", "bf16", "fp16", "fp64"), 86: ("tf32", "bf16")}
+ARCHES = tuple(DTYPES_BY_ARCH)
+# float64 mma (DMMA) exists on the data-centre parts only.
+TENSOR_CORE_DTYPES = {90: ("tf32", "bf16", "fp16", "fp64"), 86: ("tf32", "bf16", "fp16")}
+CE = {"_ce_fwd_kernel", "_ce_bwd_kernel"}
+CE_DETERMINISTIC = {"_ce_fwd_kernel", "_ce_bwd_dh_kernel", "_ce_bwd_dw_kernel"}
+SAMPLED_ROWS = {"_sampled_fwd_kernel", "_rows_bwd_kernel"}
+SAMPLED_SHARED = {"_sampled_fwd_kernel", "_shared_bwd_kernel"}
+SCE = {"_bucket_lse_fwd_kernel", "_bucket_lse_bwd_kernel"}
+
+
+def _expected(dtypes) -> dict[str, set[str]]:
+    out = {}
+    for dt in dtypes:
+        out |= {f"ce {dt} default": CE, f"ce {dt} all options": CE, f"ce {dt} filtered": CE,
+                f"ce {dt} deterministic": CE_DETERMINISTIC, f"ce {dt} deterministic all options": CE_DETERMINISTIC,
+                f"sampled {dt} per-row": SAMPLED_ROWS, f"sampled {dt} per-row logq+hits": SAMPLED_ROWS,
+                f"sampled {dt} shared": SAMPLED_SHARED, f"sampled {dt} shared logq+hits": SAMPLED_SHARED,
+                f"sce {dt}": SCE}
+    return out
+
+
+def _ptxas() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[int, list[dict]]:
+    """JSON rows of kernel_resources.py per target; both targets compile in parallel subprocesses."""
+    if not _ptxas().exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI: the triton wheel has no ptxas at {_ptxas()}")
+        pytest.skip(f"this triton wheel has no NVIDIA toolchain ({_ptxas()} is missing)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, str(TOOL), "--arch", str(arch), "--dtypes", ",".join(dtypes), "--json"], cwd=ROOT,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for arch, dtypes in DTYPES_BY_ARCH.items()
+    }
+    out = {}
+    for arch, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1800)
+        rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        assert rows, f"sm_{arch}: no output (exit {proc.returncode}): {stderr[-3000:]}"
+        out[arch] = rows
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_kernel_variant_compiles_and_fits(compiled, arch):
+    rows = compiled[arch]
+    errors = {r["variant"]: r["error"] for r in rows if "error" in r}
+    assert not errors, f"sm_{arch}: {errors}"
+    seen: dict[str, set[str]] = {}
+    for r in rows:
+        assert r["shared_bytes"] <= r["shared_limit"], r
+        seen.setdefault(r["variant"], set()).add(r["kernel"])
+    assert seen == _expected(DTYPES_BY_ARCH[arch])
+
+
+def test_h100_runs_every_first_choice_configuration(compiled):
+    """The configurations are chosen for sm_90: there, no kernel may need the shared-memory fallback."""
+    fallbacks = [(r["variant"], r["kernel"]) for r in compiled[90] if r["tries"] > 1]
+    assert not fallbacks
+
+
+def test_consumer_gpu_needs_the_fallback_for_the_deep_pipelines(compiled):
+    """99 KiB cannot hold the 16-bit backward's 3-stage pipeline: the fallback is exercised, not dead code."""
+    assert any(r["tries"] > 1 for r in compiled[86] if r["variant"] == "ce bf16 default")
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_tensor_cores_for_gemm_shaped_kernels(compiled, arch):
+    """16-bit, tf32 and fp64 GEMM-shaped tiles lower to mma/wgmma; exact fp32 and per-row gathers do not."""
+    for r in compiled[arch]:
+        family, dtype = r["variant"].split()[:2]
+        gemm = family in ("ce", "sce") or r["kernel"] == "_shared_bwd_kernel" or "shared" in r["variant"]
+        if gemm and dtype in TENSOR_CORE_DTYPES[arch]:
+            assert r["tensor_cores"], r
+        if dtype == "fp32" or r["kernel"] == "_rows_bwd_kernel" or "per-row" in r["variant"]:
+            assert not r["tensor_cores"], r
+
+
+# ---------------------------------------------------------------------------------- the fallback itself
+
+
+class _FakeKernel:
+    """Raises OutOfResources for configurations whose (num_stages, BLOCK_D) exceed a budget, records launches."""
+
+    def __init__(self, fits):
+        self.fits = fits
+        self.launched = []
+        self.tried = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.tried.append((kwargs["num_stages"], kwargs["BLOCK_D"]))
+            if not self.fits(kwargs["num_stages"], kwargs["BLOCK_D"]):
+                raise OutOfResources(kwargs["num_stages"] * kwargs["BLOCK_D"], 0, "shared memory")
+            self.launched.append((grid, args, kwargs))
+        return run
+
+
+def _cfg(stages=4, block_d=64):
+    from largevocab.ops.triton_ce import _LaunchConfig
+
+    return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=stages)
+
+
+def test_smaller_walks_stages_then_block_d_then_one_stage():
+    steps, cfg = [], _cfg()
+    while cfg is not None:
+        steps.append((cfg.num_stages, cfg.BLOCK_D, cfg.BLOCK_V))
+        cfg = smaller(cfg)
+    assert steps == [(4, 64, 128), (3, 64, 128), (2, 64, 128), (2, 32, 128), (2, 16, 128), (2, 16, 64),
+                     (2, 16, 32), (2, 16, 16), (1, 16, 16)]
+
+
+def test_launch_falls_back_and_remembers():
+    _launch._fitted.clear()
+    kernel = _FakeKernel(lambda stages, block_d: stages * block_d <= 64)
+    chosen = launch(kernel, (3, 1), _cfg(), torch.device("cpu"), "arg", FLAG=True)
+    assert (chosen.num_stages, chosen.BLOCK_D) == (2, 32)
+    assert kernel.tried == [(4, 64), (3, 64), (2, 64), (2, 32)]
+    grid, args, kwargs = kernel.launched[0]
+    assert grid == (3, 1) and args == ("arg",) and kwargs["FLAG"] is True and kwargs["BLOCK_N"] == 128
+    kernel.tried.clear()
+    launch(kernel, (3, 1), _cfg(), torch.device("cpu"), "arg", FLAG=True)
+    assert kernel.tried == [(2, 32)]  # the second call starts from what fitted
+    kernel.tried.clear()
+    launch(kernel, (3, 1), _cfg(), torch.device("cpu"), "arg", FLAG=False)
+    assert kernel.tried[0] == (4, 64)  # another specialisation is fitted on its own
+    _launch._fitted.clear()
+
+
+def test_launch_reraises_when_nothing_fits():
+    _launch._fitted.clear()
+    kernel = _FakeKernel(lambda stages, block_d: False)
+    with pytest.raises(OutOfResources):
+        launch(kernel, (1,), _cfg(), torch.device("cpu"))
+    assert kernel.tried[-1] == (1, MIN_BLOCK_D) and not _launch._fitted
+
+
+def test_launch_recomputes_a_grid_that_depends_on_the_column_block():
+    _launch._fitted.clear()
+    kernel = _FakeKernel(lambda stages, block_d: stages == 1)
+    chosen = launch(kernel, lambda c: (1000 // c.BLOCK_V,), _cfg(), torch.device("cpu"))
+    assert chosen.BLOCK_V == MIN_BLOCK_D and kernel.launched[0][0] == (1000 // MIN_BLOCK_D,)
+    _launch._fitted.clear()
