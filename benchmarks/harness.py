@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from largevocab.profiling import device_name  # noqa: F401  (re-exported for the scripts)
+from largevocab.profiling import STABLE_RSS_ENV, device_name  # noqa: F401  (device_name: re-exported)
 
 
 def time_ms(fn, device: str, repeats: int) -> float:
@@ -44,7 +44,8 @@ def versions() -> dict:
 
 def run_worker(script: str, args: list[str]) -> tuple[dict | None, str]:
     """Run ``python script *args`` in a fresh process (its own peak memory); its last stdout line is a JSON row."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    env = {**os.environ, **STABLE_RSS_ENV}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""

@@ -26,7 +26,7 @@ from datetime import date
 
 import torch
 
-from largevocab.profiling import PeakMemory, device_name
+from largevocab.profiling import STABLE_RSS_ENV, PeakMemory, device_name
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TOKENIZER = os.path.join(DATA_DIR, "gpt2")
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.batch_size}x{cfg.seq_len} tokens per loss ({cfg.losses}); results in {cfg.out}/")
     rows = []
     for loss in cfg.losses.split(","):
-        proc = subprocess.run(_worker_command(loss, cfg), stdout=subprocess.PIPE, text=True, check=False)
+        proc = subprocess.run(_worker_command(loss, cfg), stdout=subprocess.PIPE, text=True, check=False,
+                              env={**os.environ, **STABLE_RSS_ENV})
         if proc.returncode:
             print(f"{loss}: the run failed (exit {proc.returncode}); see the messages above", file=sys.stderr)
             return proc.returncode

@@ -8,6 +8,13 @@ import resource
 
 import torch
 
+# glibc returns a freed block to the OS only above its mmap threshold, and raises that threshold after each large
+# free, so freed tensors stay in the resident set and later ones reuse them: the RSS-based CPU peak then depends on
+# what ran before (observed: 0-34 MiB for the same SCE step). A fixed threshold (which disables the adjustment)
+# and an immediate trim make RSS track live tensor bytes. glibc reads these at start-up, so they apply to a child
+# process started with them (benchmarks/harness.run_worker does).
+STABLE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -45,8 +52,8 @@ def device_name(device: str | torch.device = "cpu") -> str:
 class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.extra_bytes``: the peak above what was held on entry.
 
-    On CUDA this is the caching allocator's peak; on CPU the process's peak resident set (so run one measured
-    thing per process for a clean number: memory freed to the allocator but kept by it still counts as held).
+    On CUDA this is the caching allocator's peak; on CPU the process's peak resident set, so run one measured thing
+    per process, started with ``STABLE_RSS_ENV`` in its environment, for a repeatable number.
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
