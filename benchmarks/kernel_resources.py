@@ -65,6 +65,7 @@ class KernelReport:
     kernel: str
     num_warps: int
     num_stages: int
+    block_columns: int
     block_d: int
     tries: int
     shared_bytes: int
@@ -120,7 +121,8 @@ def compile_only(arch: int, sink: list):
         if kernel.metadata.shared > limit:
             rejected[name] = rejected.get(name, 0) + 1
             raise OutOfResources(kernel.metadata.shared, limit, "shared memory")
-        sink.append((name, kernel, kwargs.get("BLOCK_D"), rejected.pop(name, 0) + 1))
+        columns = next(kwargs[k] for k in ("BLOCK_V", "BLOCK_K", "BLOCK_C") if k in kwargs)
+        sink.append((name, kernel, columns, kwargs["BLOCK_D"], rejected.pop(name, 0) + 1))
         return kernel
 
     JITFunction.run = warm_run
@@ -218,6 +220,13 @@ def _tensor_cores(ptx: str) -> bool:
     return bool(re.search(r"\b(wgmma|mma)\.", ptx))
 
 
+def _error_line(exc: Exception) -> str:
+    """One line for the table: a CompilationError's message is source context ending in a caret; its cause says why."""
+    cause = exc.__cause__ or exc
+    lines = [line for line in str(cause).splitlines() if line.strip(" ^")]
+    return f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"
+
+
 def collect(arch: int, only: str | None = None, dtypes=tuple(DTYPES)) -> tuple[list[KernelReport], dict[str, str]]:
     """Compile the variants of ``dtypes`` (those whose name contains ``only``) for sm_``arch``.
 
@@ -234,16 +243,16 @@ def collect(arch: int, only: str | None = None, dtypes=tuple(DTYPES)) -> tuple[l
             with compile_only(arch, sink):
                 call()
         except Exception as exc:  # noqa: BLE001 - a compile error of any kind is the finding to report
-            errors[label] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+            errors[label] = _error_line(exc)
             continue
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-        for kernel_name, kernel, block_d, tries in sink:
+        for kernel_name, kernel, columns, block_d, tries in sink:
             md = kernel.metadata
             regs, spills = _resources(kernel.asm["cubin"])
             reports.append(KernelReport(
-                variant=label, kernel=kernel_name, num_warps=md.num_warps, num_stages=md.num_stages, block_d=block_d,
-                tries=tries,
+                variant=label, kernel=kernel_name, num_warps=md.num_warps, num_stages=md.num_stages,
+                block_columns=columns, block_d=block_d, tries=tries,
                 shared_bytes=md.shared, shared_limit=SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[90]),
                 registers=regs, spill_bytes=spills, tensor_cores=_tensor_cores(kernel.asm["ptx"]),
             ))
@@ -255,15 +264,16 @@ def markdown(arch: int, reports: list[KernelReport], errors: dict[str, str]) -> 
         f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{arch} "
         f"(shared limit {SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[90])} B per block)",
         "",
-        "| variant | kernel | tries | warps | stages | BLOCK_D | shared B | registers | spill B | tensor cores |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | kernel | tries | warps | stages | BLOCK_V/K/C | BLOCK_D | shared B | registers | spill B | "
+        "tensor cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in reports:
-        cells = [r.variant, r.kernel, r.tries, r.num_warps, r.num_stages, r.block_d,
+        cells = [r.variant, r.kernel, r.tries, r.num_warps, r.num_stages, r.block_columns, r.block_d,
                  f"{r.shared_bytes}" + ("" if r.fits else " **over**"), r.registers, r.spill_bytes,
                  "yes" if r.tensor_cores else "no"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += [f"| {label} | **compile error** | | | | | | | | {err} |" for label, err in errors.items()]
+    lines += [f"| {label} | **compile error** | | | | | | | | | {err} |" for label, err in errors.items()]
     return "\n".join(lines)
 
 
