@@ -100,18 +100,19 @@ class _CompileOnlyDriver:
 
 class _DeviceProperties:
     def __init__(self, arch: int):
-        self.multi_processor_count = SM_COUNT.get(arch, SM_COUNT[90])
+        self.multi_processor_count = SM_COUNT[arch]
 
 
 @contextmanager
 def compile_only(arch: int, sink: list):
-    """Launches compile for sm_``arch`` and append ``(kernel name, CompiledKernel)`` to ``sink``; nothing runs."""
+    """Launches compile for sm_``arch``; nothing runs. A kernel over the target's shared memory raises
+    OutOfResources; one that fits appends ``(name, CompiledKernel, column block, BLOCK_D, tries)`` to ``sink``."""
     run = JITFunction.run
     get_props = torch.cuda.get_device_properties
     # Not reset_active(): that would build the default driver, which fails where there is no GPU.
     active = driver._active
 
-    limit = SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[90])
+    limit = SHARED_LIMIT_BYTES[arch]
     rejected: dict[str, int] = {}
 
     def warm_run(self, *args, grid, warmup, **kwargs):
@@ -253,7 +254,7 @@ def collect(arch: int, only: str | None = None, dtypes=tuple(DTYPES)) -> tuple[l
             reports.append(KernelReport(
                 variant=label, kernel=kernel_name, num_warps=md.num_warps, num_stages=md.num_stages,
                 block_columns=columns, block_d=block_d, tries=tries,
-                shared_bytes=md.shared, shared_limit=SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[90]),
+                shared_bytes=md.shared, shared_limit=SHARED_LIMIT_BYTES[arch],
                 registers=regs, spill_bytes=spills, tensor_cores=_tensor_cores(kernel.asm["ptx"]),
             ))
     return reports, errors
@@ -262,7 +263,7 @@ def collect(arch: int, only: str | None = None, dtypes=tuple(DTYPES)) -> tuple[l
 def markdown(arch: int, reports: list[KernelReport], errors: dict[str, str]) -> str:
     lines = [
         f"Triton {triton.__version__}, torch {torch.__version__}, target sm_{arch} "
-        f"(shared limit {SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[90])} B per block)",
+        f"(shared limit {SHARED_LIMIT_BYTES[arch]} B per block)",
         "",
         "| variant | kernel | tries | warps | stages | BLOCK_V/K/C | BLOCK_D | shared B | registers | spill B | "
         "tensor cores |",
@@ -279,7 +280,8 @@ def markdown(arch: int, reports: list[KernelReport], errors: dict[str, str]) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80 = A100, 90 = H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT_BYTES),
+                        help="compute capability x 10 (80 = A100, 86/89 = consumer Ampere/Ada, 90 = H100/H200)")
     parser.add_argument("--only", default=None, help="compile only variants whose name contains this")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated subset of {list(DTYPES)}")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel, errors as {variant, error}")
