@@ -49,8 +49,9 @@ def build(provider: str, backend: str):
         return lambda h, w, y: lv.scalable_cross_entropy(h, w, y, generator=gen, backend=backend)
     if provider in ("lv_sampled", "lv_sampled_shared"):
         shared = provider == "lv_sampled_shared"
+        gen = torch.Generator(device="cuda" if backend == "triton" else "cpu").manual_seed(SEED)
         return lambda h, w, y: lv.sampled_cross_entropy(h, w, y, num_negatives=SAMPLED_NEGATIVES,
-                                                        shared_negatives=shared, backend=backend)
+                                                        shared_negatives=shared, generator=gen, backend=backend)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
