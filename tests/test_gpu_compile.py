@@ -105,7 +105,7 @@ def test_tensor_cores_for_gemm_shaped_kernels(compiled, arch):
     """16-bit, tf32 and fp64 GEMM-shaped tiles lower to mma/wgmma; exact fp32 and per-row gathers do not."""
     for r in compiled[arch]:
         family, dtype = r["variant"].split()[:2]
-        gemm = family in ("ce", "sce") or r["kernel"] == "_shared_bwd_kernel" or "shared" in r["variant"]
+        gemm = family in ("ce", "sce") or "shared" in r["variant"]
         if gemm and dtype in TENSOR_CORE_DTYPES[arch]:
             assert r["tensor_cores"], r
         if dtype == "fp32" or r["kernel"] == "_rows_bwd_kernel" or "per-row" in r["variant"]:
@@ -138,7 +138,7 @@ def _cfg(stages=4, block_d=64):
     return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=stages)
 
 
-def test_smaller_walks_stages_then_block_d_then_one_stage():
+def test_smaller_walks_stages_then_block_d_then_columns_then_one_stage():
     steps, cfg = [], _cfg()
     while cfg is not None:
         steps.append((cfg.num_stages, cfg.BLOCK_D, cfg.BLOCK_V))
