@@ -178,3 +178,76 @@ def test_launch_recomputes_a_grid_that_depends_on_the_column_block():
     chosen = launch(kernel, lambda c: (1000 // c.BLOCK_V,), _cfg(), torch.device("cpu"))
     assert chosen.BLOCK_V == MIN_BLOCK_D and kernel.launched[0][0] == (1000 // MIN_BLOCK_D,)
     _launch._fitted.clear()
+
+
+# ------------------------------------------------------------- the smallest configurations compute the same
+
+
+def _last_rung(cfg):
+    while (next_cfg := smaller(cfg)) is not None:
+        cfg = next_cfg
+    return cfg
+
+
+@pytest.fixture
+def smallest_configs(monkeypatch):
+    """Every launcher uses the fallback's last rung (BLOCK_D = column block = 16, one stage) instead of its own."""
+    from largevocab.ops import triton_ce, triton_sampled, triton_sce
+
+    for module in (triton_ce, triton_sampled, triton_sce):
+        own = module._config
+        monkeypatch.setattr(module, "_config", lambda *a, _own=own, **k: _last_rung(_own(*a, **k)))
+    _launch._fitted.clear()
+    yield
+    _launch._fitted.clear()
+
+
+def _grads(fn, hidden, weight, targets, **opts):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fn(h, w, targets, **opts)
+    return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
+
+
+@pytest.mark.parametrize("case", ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared",
+                                  "sce"])
+def test_smallest_fallback_configs_match_the_torch_backend(smallest_configs, case):
+    """The configurations only a small-shared-memory GPU reaches, checked on the interpreter (float64)."""
+    import largevocab as lv
+
+    gen = torch.Generator().manual_seed(0)
+    n, v, d = 70, 300, 40  # several 16-wide column blocks and BLOCK_D steps, ragged edges on every axis
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * d**-0.5
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::7] = -100
+    if case.startswith("ce"):
+        opts = dict(label_smoothing=0.1, softcap=20.0)
+        if case == "ce filtered":
+            opts = dict(filter_eps=2.0 ** -40)  # filters nothing that matters at float64 tolerance
+        fn = lv.linear_cross_entropy
+    elif case.startswith("sampled"):
+        shape = (37,) if case == "sampled shared" else (n, 37)
+        opts = dict(negatives=torch.randint(0, v, shape, generator=gen))
+        fn = lv.sampled_cross_entropy
+    else:
+        opts = dict(n_buckets=3, bucket_size_x=30, bucket_size_y=50)
+        fn = lv.scalable_cross_entropy
+    deterministic = case == "ce deterministic"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        if case == "sce":
+            got = _grads(fn, hidden, weight, targets, backend="triton", generator=torch.Generator().manual_seed(1),
+                         **opts)
+            want = _grads(fn, hidden, weight, targets, backend="torch", generator=torch.Generator().manual_seed(1),
+                          **opts)
+        else:
+            got = _grads(fn, hidden, weight, targets, backend="triton", **opts)
+            want = _grads(fn, hidden, weight, targets, backend="torch", **opts)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    chosen = {key[0].fn.__name__: cfg for key, cfg in _launch._fitted.items()}
+    assert chosen and all(c.BLOCK_D == MIN_BLOCK_D and getattr(c, c.COLUMNS) == MIN_BLOCK_D for c in chosen.values())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
