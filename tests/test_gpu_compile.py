@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from triton.runtime.errors import OutOfResources
 
 from largevocab.ops import _launch
 from largevocab.ops._launch import MIN_BLOCK_D, launch, smaller
+from largevocab.ops.triton_ce import FMA_BLOCK_COLUMNS, FMA_BLOCK_D, FMA_BLOCK_ROWS, FMA_WARPS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "kernel_resources.py"
@@ -93,6 +95,17 @@ def test_h100_runs_every_first_choice_configuration(compiled):
     """The configurations are chosen for sm_90: there, no kernel may need the shared-memory fallback."""
     fallbacks = [(r["variant"], r["kernel"]) for r in compiled[90] if r["tries"] > 1]
     assert not fallbacks
+
+
+# A kernel ptxas could not fit in registers keeps its tiles in local memory: the deterministic IEEE-float32 dW
+# kernel once compiled to 32 registers and a 7.5 KB stack. Spills of a few hundred bytes are tuning, not this.
+SPILL_LIMIT_BYTES = 1024
+
+
+def test_h100_keeps_every_tile_in_registers(compiled):
+    heavy = [(r["variant"], r["kernel"], r["spill_bytes"]) for r in compiled[90]
+             if r["spill_bytes"] > SPILL_LIMIT_BYTES]
+    assert not heavy
 
 
 def test_consumer_gpu_needs_the_fallback_for_the_deep_pipelines(compiled):
@@ -180,7 +193,7 @@ def test_launch_recomputes_a_grid_that_depends_on_the_column_block():
     _launch._fitted.clear()
 
 
-# ------------------------------------------------------------- the smallest configurations compute the same
+# ----------------------------------------------- configurations the interpreter never picks compute the same
 
 
 def _last_rung(cfg):
@@ -189,16 +202,28 @@ def _last_rung(cfg):
     return cfg
 
 
+def _fma_tile(cfg):
+    rows = "BLOCK_R" if hasattr(cfg, "BLOCK_R") else "BLOCK_N"
+    return replace(cfg, **{rows: FMA_BLOCK_ROWS, cfg.COLUMNS: FMA_BLOCK_COLUMNS, "BLOCK_D": FMA_BLOCK_D,
+                           "num_warps": FMA_WARPS})
+
+
+# The fallback's last rung (BLOCK_D = column block = 16, one stage), which only a small-shared-memory GPU reaches,
+# and the IEEE-float32 tile of GPUs' FMA path.
+TILES = {"smallest": _last_rung, "fma": _fma_tile}
+
+
 @pytest.fixture
-def smallest_configs(monkeypatch):
-    """Every launcher uses the fallback's last rung (BLOCK_D = column block = 16, one stage) instead of its own."""
+def gpu_tile(monkeypatch, request):
+    """Every launcher uses the tile named by the test's ``tile`` parameter instead of its interpreter config."""
     from largevocab.ops import triton_ce, triton_sampled, triton_sce
 
+    tile = TILES[request.node.callspec.params["tile"]]
     for module in (triton_ce, triton_sampled, triton_sce):
         own = module._config
-        monkeypatch.setattr(module, "_config", lambda *a, _own=own, **k: _last_rung(_own(*a, **k)))
+        monkeypatch.setattr(module, "_config", lambda *a, _own=own, **k: tile(_own(*a, **k)))
     _launch._fitted.clear()
-    yield
+    yield tile
     _launch._fitted.clear()
 
 
@@ -209,10 +234,13 @@ def _grads(fn, hidden, weight, targets, **opts):
     return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
 
 
-@pytest.mark.parametrize("case", ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared",
-                                  "sce"])
-def test_smallest_fallback_configs_match_the_torch_backend(smallest_configs, case):
-    """The configurations only a small-shared-memory GPU reaches, checked on the interpreter (float64)."""
+CASES = ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared", "sce"]
+
+
+@pytest.mark.parametrize(("case", "tile"), [(c, "smallest") for c in CASES]
+                         + [(c, "fma") for c in CASES if c != "sampled per-row"])  # per-row has no FMA tile
+def test_gpu_only_configs_match_the_torch_backend(gpu_tile, case, tile):
+    """Tiles that GPUs pick and the interpreter never does, checked on the interpreter (float64)."""
     import largevocab as lv
 
     gen = torch.Generator().manual_seed(0)
@@ -248,6 +276,6 @@ def test_smallest_fallback_configs_match_the_torch_backend(smallest_configs, cas
     finally:
         torch.use_deterministic_algorithms(previous)
     chosen = {key[0].fn.__name__: cfg for key, cfg in _launch._fitted.items()}
-    assert chosen and all(c.BLOCK_D == MIN_BLOCK_D and getattr(c, c.COLUMNS) == MIN_BLOCK_D for c in chosen.values())
+    assert chosen and all(gpu_tile(c) == c for c in chosen.values())
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

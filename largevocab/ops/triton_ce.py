@@ -16,7 +16,7 @@ upcast to float32, because the interpreter's low-precision arithmetic is wrong.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -336,21 +336,42 @@ class _LaunchConfig:
 _INTERPRET_CONFIG = _LaunchConfig(BLOCK_N=128, BLOCK_V=512, BLOCK_D=64)
 
 
+def uses_fma(dtype: torch.dtype) -> bool:
+    """True when float32 tiles multiply on FMA units: IEEE float32, torch's default for CUDA matmuls.
+
+    float32 inputs follow torch's own matmul setting, so "exact" means what F.linear would compute: TF32 tensor
+    cores only when ``torch.backends.cuda.matmul.allow_tf32`` is on.
+    """
+    return dtype == torch.float32 and not INTERPRET and not torch.backends.cuda.matmul.allow_tf32
+
+
+# IEEE float32 on FMA units. Triton holds an FMA dot's operand slices in registers, so the 128 x 128 tensor-core
+# tile spilled in every backward kernel, and the deterministic dW kernel compiled to 32 registers with a 7.5 KB
+# stack (sm_90, ptxas 12.9 and 13.4 alike). Of the tiles tried (128 x 64, 64 x 128, 128 x 32, 64 x 64; D steps
+# of 16 and 32; 4 and 8 warps) two compiled without spills in every kernel on sm_90: 128 x 32 x 32 and this
+# 64 x 64 x 16, both with 8 warps (benchmarks/kernel_resources.py). 64 x 64 loads a fifth less per output and
+# spilled least on sm_80 and with triton 3.6 (at most 24 B). Chosen from compiles alone, not timings.
+# triton_sampled and triton_sce use the same tile on FMA units.
+FMA_BLOCK_ROWS, FMA_BLOCK_COLUMNS, FMA_BLOCK_D, FMA_WARPS = 64, 64, 16, 8
+_FMA_CONFIG = _LaunchConfig(BLOCK_N=FMA_BLOCK_ROWS, BLOCK_V=FMA_BLOCK_COLUMNS, BLOCK_D=FMA_BLOCK_D,
+                            num_warps=FMA_WARPS)
+
+
 def _config(dtype: torch.dtype, backward: bool) -> _LaunchConfig:
     if INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float64:
         return _LaunchConfig(BLOCK_N=32, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=2)
+    stages = 3 if backward else 4
+    if uses_fma(dtype):
+        return replace(_FMA_CONFIG, num_stages=stages)
     block_d = 64 if dtype in _LOW_PRECISION else 32
-    if backward:
-        return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3)
-    return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=4)
+    return _LaunchConfig(BLOCK_N=128, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=stages)
 
 
 def _constexprs(hidden: torch.Tensor) -> dict:
     dtype = hidden.dtype
-    # float32 inputs follow torch's own matmul setting, so "exact" means what F.linear would compute.
-    tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32  # see uses_fma
     precision = "tf32" if tf32 else "ieee"
     return {
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,

@@ -29,12 +29,17 @@ import triton.language as tl
 from ._launch import launch
 from .triton_ce import (
     _LOW_PRECISION,
+    FMA_BLOCK_COLUMNS,
+    FMA_BLOCK_D,
+    FMA_BLOCK_ROWS,
+    FMA_WARPS,
     INTERPRET,
     PROGRAMS_PER_SM,
     _constexprs,
     _logits_tile,
     _rows_contiguous,
     _scatter_tile_grads,
+    uses_fma,
 )
 
 # Planes of the forward's partial results part[PLANES, splits, N].
@@ -290,7 +295,8 @@ _INTERPRET_SHARED = _LaunchConfig(BLOCK_N=128, BLOCK_K=128, BLOCK_D=64)
 # per thread. float64 halves BLOCK_N for the same register budget.
 _ROWS = _LaunchConfig(BLOCK_N=16, BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=2)
 _ROWS_FP64 = _LaunchConfig(BLOCK_N=8, BLOCK_K=32, BLOCK_D=32, num_warps=8, num_stages=2)
-# Shared negatives: a GEMM tile like triton_ce's (128 x 128 with tensor cores, deeper pipelining in forward).
+# Shared negatives: a GEMM tile like triton_ce's (128 x 128 with tensor cores, its smaller tile on FMA units,
+# deeper pipelining in forward).
 _SHARED_FP64 = _LaunchConfig(BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=4, num_stages=2)
 
 
@@ -301,8 +307,11 @@ def _config(dtype: torch.dtype, shared: bool, backward: bool) -> _LaunchConfig:
         return _ROWS_FP64 if dtype == torch.float64 else _ROWS
     if dtype == torch.float64:
         return _SHARED_FP64
-    block_d = 64 if dtype in _LOW_PRECISION else 32
     stages = 3 if backward else 4
+    if uses_fma(dtype):
+        return _LaunchConfig(BLOCK_N=FMA_BLOCK_ROWS, BLOCK_K=FMA_BLOCK_COLUMNS, BLOCK_D=FMA_BLOCK_D,
+                             num_warps=FMA_WARPS, num_stages=stages)
+    block_d = 64 if dtype in _LOW_PRECISION else 32
     return _LaunchConfig(BLOCK_N=128, BLOCK_K=128, BLOCK_D=block_d, num_warps=8, num_stages=stages)
 
 

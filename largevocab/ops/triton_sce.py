@@ -19,7 +19,18 @@ import triton.language as tl
 
 from ._launch import launch
 from .torch_sce import add_positive_grad, positive_logits
-from .triton_ce import INTERPRET, _constexprs, _logits_tile, _rows_contiguous, _scatter_tile_grads
+from .triton_ce import (
+    FMA_BLOCK_COLUMNS,
+    FMA_BLOCK_D,
+    FMA_BLOCK_ROWS,
+    FMA_WARPS,
+    INTERPRET,
+    _constexprs,
+    _logits_tile,
+    _rows_contiguous,
+    _scatter_tile_grads,
+    uses_fma,
+)
 
 
 @triton.jit
@@ -109,6 +120,9 @@ def _config(dtype: torch.dtype) -> _LaunchConfig:
         return _INTERPRET_CONFIG
     if dtype == torch.float64:
         return _LaunchConfig(BLOCK_R=32, BLOCK_C=32, BLOCK_D=32)
+    if uses_fma(dtype):
+        return _LaunchConfig(BLOCK_R=FMA_BLOCK_ROWS, BLOCK_C=FMA_BLOCK_COLUMNS, BLOCK_D=FMA_BLOCK_D,
+                             num_warps=FMA_WARPS, num_stages=3)
     return _LaunchConfig(BLOCK_R=64, BLOCK_C=128, BLOCK_D=64 if dtype in (torch.float16, torch.bfloat16) else 32,
                          num_warps=4, num_stages=3)
 
