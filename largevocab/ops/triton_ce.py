@@ -345,13 +345,13 @@ def uses_fma(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not INTERPRET and not torch.backends.cuda.matmul.allow_tf32
 
 
-# IEEE float32 on FMA units. Triton holds an FMA dot's operand slices in registers, so the 128 x 128 tensor-core
-# tile spilled in every backward kernel, and the deterministic dW kernel compiled to 32 registers with a 7.5 KB
-# stack (sm_90, ptxas 12.9 and 13.4 alike). Of the tiles tried (128 x 64, 64 x 128, 128 x 32, 64 x 64; D steps
-# of 16 and 32; 4 and 8 warps) two compiled without spills in every kernel on sm_90: 128 x 32 x 32 and this
-# 64 x 64 x 16, both with 8 warps (benchmarks/kernel_resources.py). 64 x 64 loads a fifth less per output and
-# spilled least on sm_80 and with triton 3.6 (at most 24 B). Chosen from compiles alone, not timings.
-# triton_sampled and triton_sce use the same tile on FMA units.
+# IEEE float32 on FMA units. There the 128 x 128 tensor-core tile spilled in every kernel, and the deterministic
+# dW kernel compiled to 32 registers with a 7.5-7.9 KB stack (sm_90, triton 3.7 and 3.9 alike). Of the tiles
+# tried (128 x 64, 64 x 128, 128 x 32, 64 x 64; D steps of 16 and 32; 4 and 8 warps) two compiled without
+# spills in every kernel on sm_90: 128 x 32 x 32 and this 64 x 64 x 16, both with 8 warps
+# (benchmarks/kernel_resources.py). 64 x 64 loads a fifth less per output and spilled least on sm_80 and with
+# triton 3.6 (at most 24 B). Chosen from compiles alone, not timings. triton_sampled and triton_sce use the same
+# tile on FMA units.
 FMA_BLOCK_ROWS, FMA_BLOCK_COLUMNS, FMA_BLOCK_D, FMA_WARPS = 64, 64, 16, 8
 _FMA_CONFIG = _LaunchConfig(BLOCK_N=FMA_BLOCK_ROWS, BLOCK_V=FMA_BLOCK_COLUMNS, BLOCK_D=FMA_BLOCK_D,
                             num_warps=FMA_WARPS)
