@@ -168,6 +168,7 @@ def test_launch_falls_back_and_remembers():
     assert kernel.tried == [(4, 64), (3, 64), (2, 64), (2, 32)]
     grid, args, kwargs = kernel.launched[0]
     assert grid == (3, 1) and args == ("arg",) and kwargs["FLAG"] is True and kwargs["BLOCK_N"] == 128
+    assert kwargs["enable_fp_fusion"] is True  # the same rounding whatever Triton's default
     kernel.tried.clear()
     launch(kernel, (3, 1), _cfg(), torch.device("cpu"), "arg", FLAG=True)
     assert kernel.tried == [(2, 32)]  # the second call starts from what fitted

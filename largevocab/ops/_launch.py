@@ -17,6 +17,9 @@ from triton.runtime.errors import OutOfResources
 MIN_BLOCK_D = 16
 # Below two stages there is no overlap of loads and math left; one stage is the last resort.
 MIN_PIPELINED_STAGES = 2
+# Contract a * b + c into one FMA, as Triton has by default up to 3.9. 3.9 warns that 3.10 will turn the default
+# off; asking for it keeps every kernel's rounding the same across Triton versions (the interpreter ignores it).
+FP_FUSION = True
 
 _fitted: dict = {}
 
@@ -46,7 +49,8 @@ def launch(kernel, grid, cfg, device, *args, **constexprs):
     chosen = _fitted.get(key, cfg)
     while True:
         try:
-            kernel[grid(chosen) if callable(grid) else grid](*args, **constexprs, **asdict(chosen))
+            kernel[grid(chosen) if callable(grid) else grid](*args, **constexprs, **asdict(chosen),
+                                                              enable_fp_fusion=FP_FUSION)
         except OutOfResources:
             chosen = smaller(chosen)
             if chosen is None:
