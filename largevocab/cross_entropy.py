@@ -22,13 +22,15 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not _triton_available():
             raise ValueError("backend='triton' needs the triton package, which is not installed")
-        from .ops.triton_ce import INTERPRET
+        from .ops.triton_ce import INTERPRET, interpreter_problem
 
         if device.type != "cuda" and not INTERPRET:
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on this device, "
                 "or set TRITON_INTERPRET=1 before importing largevocab to run the kernels on the CPU interpreter"
             )
+        if device.type != "cuda" and (problem := interpreter_problem()):
+            raise RuntimeError(problem)
     return backend
 
 

@@ -134,6 +134,32 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch)
         lv.linear_cross_entropy(hidden, weight, targets, backend="triton")
 
 
+@pytest.mark.parametrize(("triton_version", "numpy_version", "broken"), [
+    ("3.6.0", "2.4.6", True), ("3.6.1+git1a2b3c", "2.5.0rc1", True), ("3.6.0", "2.3.5", False),
+    ("3.7.1", "2.4.6", False), ("3.9.0", "2.4.6", False),
+])
+def test_interpreter_problem_names_the_broken_pair(triton_version, numpy_version, broken):
+    from largevocab.ops.triton_ce import interpreter_problem
+
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+
+
+def test_triton_backend_on_the_interpreter_explains_a_broken_triton_numpy_pair(monkeypatch):
+    """Triton 3.6's interpreter with NumPy >= 2.4 gets a RuntimeError that says what to install, not an
+    InterpreterError from inside a kernel."""
+    from largevocab.ops import triton_ce
+
+    monkeypatch.setattr(triton_ce, "INTERPRET", True)
+    monkeypatch.setattr(triton_ce, "interpreter_problem",
+                        lambda *a, _real=triton_ce.interpreter_problem: _real("3.6.0", "2.4.6"))
+    hidden, weight, targets = small()
+    with pytest.raises(RuntimeError, match="numpy<2.4"):
+        lv.linear_cross_entropy(hidden, weight, targets, backend="triton")
+
+
 def test_autocast_casts_like_f_linear():
     hidden, weight, targets = small(d=16, v=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):

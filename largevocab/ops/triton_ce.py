@@ -16,6 +16,7 @@ upcast to float32, because the interpreter's low-precision arithmetic is wrong.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -27,6 +28,28 @@ from .._common import CEOptions, combine_loss
 from ._launch import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton 3.6's interpreter turns a loop bound into a Python int with int(array of one element), which NumPy 2.4
+# rejects; Triton 3.7 squeezes the array first. GPU compiles are unaffected.
+_INTERPRETER_NUMPY_LIMIT = {(3, 6): (2, 4)}
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (int(re.match(r"\d+", part).group()) for part in version.split(".")[:2])
+    return major, minor
+
+
+def interpreter_problem(triton_version: str = triton.__version__, numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels with the installed packages, or None."""
+    import numpy
+
+    numpy_version = numpy_version or numpy.__version__
+    limit = _INTERPRETER_NUMPY_LIMIT.get(_major_minor(triton_version))
+    if limit is None or _major_minor(numpy_version) < limit:
+        return None
+    return (
+        f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy_version}: "
+        f"install 'numpy<{limit[0]}.{limit[1]}' or triton>=3.7, or use backend='torch' on the CPU"
+    )
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Slots of the per-call scalar tensor: passed in the accumulation dtype because Triton's scalar arguments are
 # float32, which would round e.g. 1 - label_smoothing in float64 gradchecks. Globals read inside kernels must be
