@@ -50,6 +50,8 @@ def interpreter_problem(triton_version: str = triton.__version__, numpy_version:
         f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) fails with NumPy {numpy_version}: "
         f"install 'numpy<{limit[0]}.{limit[1]}' or triton>=3.7, or use backend='torch' on the CPU"
     )
+
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Slots of the per-call scalar tensor: passed in the accumulation dtype because Triton's scalar arguments are
 # float32, which would round e.g. 1 - label_smoothing in float64 gradchecks. Globals read inside kernels must be
