@@ -97,6 +97,79 @@ def test_config_errors_name_the_value():
         SASRecConfig(num_items=5, dropout=1.5)
 
 
+def test_padding_keys_masked_and_positions_from_start_make_left_padding_invisible():
+    """With the SASRec+ settings a left-padded row gives the hidden states of the unpadded row (antklen pads on the
+    right under a causal mask, so padding never reaches a real position); the pmixer/SCE default does not."""
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 3, 5, 7, 9, 11], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2]])
+    for heads in (1, 2):
+        model = tiny_model(30, num_heads=heads, positions="from_start", mask_padding_keys=True, init="normal").eval()
+        out = model(seq)
+        for row in range(2):
+            real = seq[row][seq[row] != 0]
+            torch.testing.assert_close(out[row, -len(real):], model(real[None])[0], rtol=0, atol=1e-5)
+            assert torch.equal(out[row, :-len(real)], torch.zeros_like(out[row, :-len(real)]))
+        for t in range(12):  # still causal with the per-row mask
+            changed = seq.clone()
+            changed[:, t + 1:] = torch.randint(1, 31, changed[:, t + 1:].shape)
+            torch.testing.assert_close(model(changed)[:, :t + 1], out[:, :t + 1], rtol=0, atol=1e-5)
+    default = tiny_model(30).eval()
+    real = seq[0][seq[0] != 0]
+    assert not torch.allclose(default(seq)[0, -len(real):], default(real[None])[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["xavier", "normal", "torch"])
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_initialisations_and_output_table(init, tie_output):
+    model = tiny_model(500, hidden_dim=32, init=init, tie_output=tie_output)
+    table = model.item_emb.weight
+    assert torch.equal(table[0], torch.zeros(32)) and torch.equal(model.item_weight()[0], torch.zeros(32))
+    expected_std = {"xavier": math.sqrt(2 / (501 + 32)), "normal": 0.02, "torch": 1.0}[init]
+    assert abs(table[1:].std().item() / expected_std - 1) < 0.1
+    if init == "normal":  # every linear layer N(0, 0.02) with zero bias, as antklen's _init_weights
+        for block in model.blocks:
+            for linear in (block.ffn.fc1, block.ffn.fc2, block.attn.out_proj):
+                assert abs(linear.weight.std().item() / 0.02 - 1) < 0.2 and not linear.bias.any()
+    if tie_output:
+        assert model.item_weight() is table and model.out_emb is None
+    else:
+        assert model.item_weight().shape == table.shape and not torch.equal(model.item_weight(), table)
+        hidden = model(torch.tensor([[0, 1, 2, 3]]))
+        build_loss("ce")(hidden, model.item_weight(), torch.tensor([[0, 2, 3, 4]])).backward()
+        assert model.out_emb.weight.grad is not None and model.out_emb.weight.grad[1:].abs().sum() > 0
+
+
+def test_unscaled_embeddings_change_the_forward():
+    seq = torch.tensor([[0, 3, 5, 7]])
+    scaled, unscaled = tiny_model(30).eval(), tiny_model(30, scale_embeddings=False).eval()
+    assert not torch.allclose(scaled(seq), unscaled(seq))
+
+
+def test_new_config_fields_are_validated():
+    with pytest.raises(ValueError, match="init must be one of .*'uniform'"):
+        SASRecConfig(num_items=5, init="uniform")
+    with pytest.raises(ValueError, match="positions must be one of .*'left'"):
+        SASRecConfig(num_items=5, positions="left")
+    for name in ("mask_padding_keys", "scale_embeddings", "tie_output"):
+        with pytest.raises(TypeError, match=name):
+            SASRecConfig(num_items=5, **{name: 1})
+
+
+def test_cli_presets_fill_only_unset_flags():
+    from largevocab.integrations.sasrec.cli import PRESETS, apply_preset, build_parser
+
+    for preset, values in PRESETS.items():
+        args = build_parser().parse_args(["--data", "x.txt", "--preset", preset])
+        apply_preset(args)
+        assert {name: getattr(args, name) for name in values} == values
+    args = build_parser().parse_args(["--data", "x.txt", "--preset", "gsasrec", "--dropout", "0.2", "--tie-output",
+                                      "--betas", "0.8", "0.9"])
+    apply_preset(args)
+    assert (args.dropout, args.tie_output, args.betas, args.hidden_dim) == (0.2, True, [0.8, 0.9], 128)
+    args = build_parser().parse_args(["--data", "x.txt"])
+    apply_preset(args)
+    assert args.preset == "sce" and args.dropout == 0.3 and args.betas == (0.9, 0.98)
+
+
 # ---------------------------------------------------------------- losses
 
 LOSS_CASES = [

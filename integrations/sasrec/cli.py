@@ -28,10 +28,23 @@ from .data import (
     temporal_split,
 )
 from .losses import DEFAULT_GBCE_T, LOSS_NAMES, build_loss
-from .model import SASRec, SASRecConfig
+from .model import INITS, POSITIONS, SASRec, SASRecConfig
 from .train import TrainConfig, set_seed, train
 
 SAMPLING_CHOICES = ("uniform", "popularity", "in_batch")
+# The settings of the three reference codes that differ between them (everything else is shared: 2 blocks, 1 head,
+# window 200, residual from the normed input, batch 128, lr 1e-3, early stopping on validation NDCG@10).
+# "sce": AIRI-Institute/Scalable-SASRec (pmixer-based); "sasrec+": antklen/sasrec-bert4rec-recsys23 (Klenitskiy &
+# Vasilev 2023, SASRec+ = full CE); "gsasrec": asash/gSASRec-pytorch's config_ml1m.py and GSASRec model.
+PRESETS = {
+    "sce": dict(hidden_dim=64, dropout=0.3, init="xavier", positions="from_end", mask_padding_keys=False,
+                scale_embeddings=True, tie_output=True, betas=(0.9, 0.98), epochs=200, patience=10),
+    "sasrec+": dict(hidden_dim=64, dropout=0.1, init="normal", positions="from_start", mask_padding_keys=True,
+                    scale_embeddings=True, tie_output=True, betas=(0.9, 0.999), epochs=100, patience=10),
+    "gsasrec": dict(hidden_dim=128, dropout=0.5, init="torch", positions="from_end", mask_padding_keys=True,
+                    scale_embeddings=False, tie_output=False, betas=(0.9, 0.999), epochs=10000, patience=200),
+}
+DEFAULT_PRESET = "sce"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tables: then drop users with fewer (the SCE paper uses {SCE_MIN_USER_INTERACTIONS})")
     data.add_argument("--max-users", type=int, default=None, help="keep only the first N users (quick runs)")
 
-    model = p.add_argument_group("model")
-    model.add_argument("--hidden-dim", type=int, default=64)
+    model = p.add_argument_group("model (flags left unset take the --preset's value)")
+    model.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                       help="reference code whose settings fill unset flags: " + "; ".join(
+                           f"{name}: {', '.join(f'{k}={v}' for k, v in values.items())}"
+                           for name, values in PRESETS.items()))
+    model.add_argument("--hidden-dim", type=int, default=None)
     model.add_argument("--num-blocks", type=int, default=2)
     model.add_argument("--num-heads", type=int, default=1)
     model.add_argument("--max-len", type=int, default=200)
-    model.add_argument("--dropout", type=float, default=0.3)
+    model.add_argument("--dropout", type=float, default=None)
+    model.add_argument("--init", choices=INITS, default=None, help="weight initialisation (SASRecConfig.init)")
+    model.add_argument("--positions", choices=POSITIONS, default=None, help="position numbering")
+    model.add_argument("--mask-padding-keys", action=argparse.BooleanOptionalAction, default=None,
+                       help="attention never reads padding positions")
+    model.add_argument("--scale-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="multiply input item embeddings by sqrt(d)")
+    model.add_argument("--tie-output", action=argparse.BooleanOptionalAction, default=None,
+                       help="score items against the input table (else a separate output table)")
     model.add_argument("--plain-residual", action="store_true",
                        help="textbook pre-LN residuals instead of the reference's residual from the normed input")
     model.add_argument("--mlet-inner-dim", type=int, default=None, help="train the item table as (V,k)@(k,d)")
@@ -77,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("training")
     run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--lr", type=float, default=1e-3)
-    run.add_argument("--epochs", type=int, default=200, help="epoch limit")
-    run.add_argument("--patience", type=int, default=10, help="evaluations without a better validation NDCG@10")
+    run.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"), help="Adam betas")
+    run.add_argument("--epochs", type=int, default=None, help="epoch limit")
+    run.add_argument("--patience", type=int, default=None, help="evaluations without a better validation NDCG@10")
     run.add_argument("--time-budget", type=float, default=None, help="seconds of wall time before stopping")
     run.add_argument("--eval-every", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
@@ -134,8 +160,16 @@ def loss_options(args, split) -> dict:
     return options
 
 
+def apply_preset(args) -> None:
+    """Fill every preset-controlled flag the user left unset from ``args.preset``."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -144,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         model = SASRec(SASRecConfig(
             num_items=split.num_items, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks,
             num_heads=args.num_heads, max_len=args.max_len, dropout=args.dropout,
-            residual_from_normed=not args.plain_residual, mlet_inner_dim=args.mlet_inner_dim))
+            residual_from_normed=not args.plain_residual, mlet_inner_dim=args.mlet_inner_dim, init=args.init,
+            positions=args.positions, mask_padding_keys=args.mask_padding_keys,
+            scale_embeddings=args.scale_embeddings, tie_output=args.tie_output))
         loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split))
         config = TrainConfig(
-            batch_size=args.batch_size, lr=args.lr, max_epochs=args.epochs, patience=args.patience,
+            batch_size=args.batch_size, lr=args.lr, betas=tuple(args.betas), max_epochs=args.epochs,
+            patience=args.patience,
             time_budget_s=args.time_budget, eval_every=args.eval_every, seed=args.seed, device=args.device,
             amp=not args.no_amp, progress=not args.no_progress, out_dir=args.out,
             measure_loss_memory=not args.no_loss_memory)
@@ -159,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(model, split, loss_fn, config, log=lambda line: print(line, file=sys.stderr))
     result["data"] = os.path.abspath(args.data)
     result["argv"] = list(sys.argv[1:] if argv is None else argv)
+    result["preset"] = args.preset
     if args.out:
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(result, f, indent=1, default=str)

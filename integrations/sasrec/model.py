@@ -20,6 +20,11 @@ from largevocab.mlet import FactorizedEmbedding
 PAD_ID = 0  # item id 0 is padding; real items are 1..num_items
 # The reference's LayerNorm epsilon (pmixer and SCE code); small, because the inputs are scaled by sqrt(d).
 LAYER_NORM_EPS = 1e-8
+# Weight initialisations of the three reference codes (see SASRecConfig.init).
+INITS = ("xavier", "normal", "torch")
+# antklen/sasrec-bert4rec-recsys23's (HF GPT-2 style) standard deviation for init="normal".
+NORMAL_INIT_STD = 0.02
+POSITIONS = ("from_end", "from_start")
 
 
 @dataclass
@@ -35,6 +40,19 @@ class SASRecConfig:
         ``x = x + FFN(LN'(x))`` (pmixer's later ``--norm_first``).
     mlet_inner_dim: None for a plain (V + 1, d) table; k >= d to train the table as a (V + 1, k) @ (k, d) product
         (MLET, :class:`largevocab.FactorizedEmbedding`); :meth:`SASRec.collapse_mlet` turns it into a plain table.
+    init: "xavier" (pmixer / SCE code: Xavier-uniform for every weight matrix, both embedding tables included);
+        "normal" (antklen/sasrec-bert4rec-recsys23, "SASRec+": N(0, 0.02) for embeddings and linear layers, zero
+        biases; the attention's packed input projection keeps PyTorch's Xavier-uniform, as there); "torch"
+        (gSASRec-pytorch: PyTorch's defaults, N(0, 1) embeddings). The padding row is zero in every case.
+    positions: "from_end": the last column of a window always has position ``max_len - 1`` (pmixer, SCE and
+        gSASRec, which left-pad every window to ``max_len``); "from_start": position 0 is the window's first real
+        item (antklen, which right-pads each batch to its longest sequence).
+    mask_padding_keys: True: attention never reads a padding position (antklen gets this from right padding under a
+        causal mask, gSASRec from its key mask); False: real positions also attend to the left padding, whose keys
+        and values are the projections' biases (pmixer and SCE code).
+    scale_embeddings: multiply the input item embeddings by sqrt(d) (all but gSASRec).
+    tie_output: True: items are scored against the input table; False: a separate output table (gSASRec's
+        default, "a separate set of item embeddings improves model convergence").
     """
 
     num_items: int
@@ -45,6 +63,11 @@ class SASRecConfig:
     dropout: float = 0.3
     residual_from_normed: bool = True
     mlet_inner_dim: int | None = None
+    init: str = "xavier"
+    positions: str = "from_end"
+    mask_padding_keys: bool = False
+    scale_embeddings: bool = True
+    tie_output: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_items", "hidden_dim", "num_blocks", "num_heads", "max_len"):
@@ -57,8 +80,13 @@ class SASRecConfig:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.residual_from_normed, bool):
-            raise TypeError(f"residual_from_normed must be a bool, got {type(self.residual_from_normed).__name__}")
+        for name in ("residual_from_normed", "mask_padding_keys", "scale_embeddings", "tie_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.mlet_inner_dim is not None and (
             isinstance(self.mlet_inner_dim, bool) or not isinstance(self.mlet_inner_dim, int)
             or self.mlet_inner_dim < self.hidden_dim
@@ -111,17 +139,17 @@ class SASRec(nn.Module):
     ``model(seq)``: ``seq`` (B, L) integer with L <= max_len; returns the hidden states (B, L, d), zero at padding
     positions; position t depends only on ``seq[:, :t + 1]``. Its score for item i is ``hidden @ item_weight()[i]``.
 
-    Forward, as in the reference: ``x = item_emb(seq) * sqrt(d) + pos_emb``, dropout, padding positions zeroed
-    (timeline mask); ``num_blocks`` blocks (:class:`SASRecConfig` ``residual_from_normed``) with causal attention,
-    each followed by the timeline mask; a final LayerNorm. Padding keys are not masked out of the attention (the
-    reference does not mask them either: they carry the projections' biases). Positions are counted from the right:
-    the last column always has position ``max_len - 1``, so a window shorter than ``max_len`` is embedded as the
-    right end of a ``max_len`` one. Unlike the reference, the final output is masked too (the reference leaves
-    ``LayerNorm(0)`` there), which no loss or ranking reads.
+    Forward, as in the references: ``x = item_emb(seq) * sqrt(d) + pos_emb`` (no sqrt(d) with
+    ``scale_embeddings=False``), dropout, padding positions zeroed (timeline mask); ``num_blocks`` blocks
+    (:class:`SASRecConfig` ``residual_from_normed``) with causal attention, each followed by the timeline mask; a
+    final LayerNorm. With ``mask_padding_keys=False`` padding keys are not masked out of the attention (the pmixer /
+    SCE code does not mask them: they carry the projections' biases). Positions follow :class:`SASRecConfig`
+    ``positions``; with ``"from_end"`` a window shorter than ``max_len`` is embedded as the right end of a
+    ``max_len`` one. Unlike the references, the final output is masked too (they leave ``LayerNorm(0)`` there),
+    which no loss or ranking reads.
 
-    Initialisation follows the reference: Xavier-uniform for every weight matrix (both embedding tables included),
-    PyTorch defaults for biases and LayerNorms; the padding row is zeroed. An MLET table is initialised so that its
-    product has the variance of that Xavier-uniform table (see :class:`largevocab.FactorizedEmbedding`).
+    Initialisation: :class:`SASRecConfig` ``init``. An MLET table is initialised so that its product has the
+    variance of the plain table it replaces (see :class:`largevocab.FactorizedEmbedding`).
     """
 
     def __init__(self, config: SASRecConfig) -> None:
@@ -132,28 +160,62 @@ class SASRec(nn.Module):
             self.item_emb: nn.Module = nn.Embedding(rows, d, padding_idx=PAD_ID)
         else:
             self.item_emb = FactorizedEmbedding(rows, d, config.mlet_inner_dim, padding_idx=PAD_ID)
+        self.out_emb = None if config.tie_output else nn.Embedding(rows, d, padding_idx=PAD_ID)
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.last_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        for name, param in self.named_parameters():
-            if param.dim() >= 2 and not name.startswith("item_emb."):
-                nn.init.xavier_uniform_(param)
+    def _table_std(self) -> float:
+        """Standard deviation of the plain item table under ``config.init`` (what an MLET product must match)."""
         rows, d = self.config.num_items + 1, self.config.hidden_dim
+        return {"xavier": math.sqrt(2.0 / (rows + d)), "normal": NORMAL_INIT_STD, "torch": 1.0}[self.config.init]
+
+    def reset_parameters(self) -> None:
+        init = self.config.init
+        # The attention's output projection is initialised by its MultiheadAttention (zero bias), not as a Linear.
+        out_projs = {id(m.out_proj) for m in self.modules() if isinstance(m, nn.MultiheadAttention)}
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.MultiheadAttention):
+                module._reset_parameters()  # Xavier-uniform packed projection, zero biases (PyTorch's own init)
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.item_emb:
+                if id(module) not in out_projs:
+                    module.reset_parameters()  # PyTorch's defaults ("torch"), then overridden below
+                if init == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                elif init == "normal":
+                    nn.init.normal_(module.weight, 0.0, NORMAL_INIT_STD)
+                    if isinstance(module, nn.Linear) and module.bias is not None:
+                        nn.init.zeros_(module.bias)
         if isinstance(self.item_emb, FactorizedEmbedding):
-            # Xavier-uniform on (rows, d) has variance 2 / (rows + d); give the product that variance.
-            self.item_emb.reset_parameters(std=math.sqrt(2.0 / (rows + d)))
-        else:
+            self.item_emb.reset_parameters(std=self._table_std())
+        elif init == "xavier":
             nn.init.xavier_uniform_(self.item_emb.weight)
-            with torch.no_grad():
-                self.item_emb.weight[PAD_ID].zero_()
+        else:
+            nn.init.normal_(self.item_emb.weight, 0.0, self._table_std())
+        with torch.no_grad():
+            for table in (self.item_emb, self.out_emb):
+                if isinstance(table, nn.Embedding):
+                    table.weight[PAD_ID].zero_()
 
     def item_weight(self) -> torch.Tensor:
-        """The (num_items + 1, d) item table, tied to the input embeddings; row 0 (padding) is not an item."""
-        return self.item_emb.weight
+        """The (num_items + 1, d) table items are scored against: the input embeddings (tied, the default) or the
+        separate output table (``tie_output=False``); row 0 (padding) is not an item."""
+        return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+
+    def attention_mask(self, seq: torch.Tensor) -> torch.Tensor:
+        """True where attention is blocked: (L, L) causal, or (B * heads, L, L) with padding keys blocked too for
+        real queries (``mask_padding_keys``; a padding query keeps its causal row, so no row is fully blocked)."""
+        length = seq.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).triu_(1)
+        if not self.config.mask_padding_keys:
+            return causal
+        pad = seq == PAD_ID
+        blocked = causal | (pad[:, None, :] & ~pad[:, :, None])
+        return blocked.repeat_interleave(self.config.num_heads, dim=0)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         if seq.dim() != 2:
@@ -162,14 +224,18 @@ class SASRec(nn.Module):
         if length > self.config.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.config.max_len}")
         keep = (seq != PAD_ID).unsqueeze(-1)
-        x = self.item_emb(seq) * math.sqrt(self.config.hidden_dim)
-        positions = torch.arange(self.config.max_len - length, self.config.max_len, device=seq.device)
+        x = self.item_emb(seq)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.hidden_dim)
+        if self.config.positions == "from_end":
+            positions = torch.arange(self.config.max_len - length, self.config.max_len, device=seq.device)
+        else:  # 0 at the first real item of each row; padding rows get 0 too and are zeroed below
+            positions = (keep.squeeze(-1).cumsum(1) - 1).clamp_(min=0)
         x = self.emb_dropout(x + self.pos_emb(positions))
         x = x * keep
-        # True above the diagonal: position t may not attend to t' > t.
-        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).triu_(1)
+        mask = self.attention_mask(seq)
         for block in self.blocks:
-            x = block(x, causal, keep)
+            x = block(x, mask, keep)
         return self.last_norm(x) * keep
 
     def user_embeddings(self, seq: torch.Tensor) -> torch.Tensor:

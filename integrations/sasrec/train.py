@@ -31,6 +31,7 @@ from .model import SASRec, SASRecConfig
 SELECTION_METRIC = "ndcg@10"  # early stopping and checkpoint selection, as in the SCE reference
 CHECKPOINT_NAME = "best.pt"
 METRICS_NAME = "metrics.json"
+HISTORY_NAME = "history.jsonl"
 
 
 @dataclass
@@ -168,6 +169,7 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
     loss_fn.to(device)
     if config.out_dir:
         os.makedirs(config.out_dir, exist_ok=True)
+        open(os.path.join(config.out_dir, HISTORY_NAME), "w").close()
     ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME) if config.out_dir else None
     batches = TrainBatches(split.train, max_len=model.config.max_len, batch_size=config.batch_size,
                            seed=config.seed, drop_last=config.drop_last)
@@ -227,6 +229,9 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
             else:
                 waited += 1
         result["history"].append(record)
+        if config.out_dir:  # one line per epoch, so a run that is killed still leaves its curve
+            with open(os.path.join(config.out_dir, HISTORY_NAME), "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
         if log:
             valid_text = f", valid {SELECTION_METRIC} {record['valid'][SELECTION_METRIC]:.4f}" if "valid" in record \
                 else ""
