@@ -358,6 +358,102 @@ def test_reader_rejects_malformed_lines_with_file_and_line(tmp_path, line, why):
         read_sasrec_txt(path)
 
 
+@pytest.mark.parametrize(("raw", "why"), [
+    (b"1 \xff\xfe\n", "not valid UTF-8"), (b"1 9223372036854775808\n", "item id 9223372036854775808 does not fit"),
+    (b"99999999999999999999999 1\n", "user id 99999999999999999999999 does not fit in int64"),
+    ("1 \uff15\n".encode(), "ids must be integers"),
+    (b"1 1_0\n", "ids must be integers"), (b"1 -3\n", "ids must be integers"), (b"1 +3\n", "ids must be integers"),
+])
+def test_reader_rejects_bad_bytes_and_huge_ids_with_file_and_line(tmp_path, raw, why):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"1 1\n\n2 2\n" + raw + b"2 3\n")
+    with pytest.raises(ValueError, match=rf"bad\.txt:4: {why}"):
+        read_sasrec_txt(path)
+    path.write_bytes(b"1 9223372036854775807\n")  # the largest int64 is an id like any other
+    assert read_sasrec_txt(path).sequences[0].tolist() == [2**63 - 1]
+    path.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match="no interactions"):
+        read_sasrec_txt(path)
+
+
+@pytest.mark.parametrize(("text", "line", "why"), [
+    ("user,item,timestamp\n1,2,3\n1,3,4,5\n", 3, "expected 3 fields"),
+    ("user,item,timestamp\n1,2,3\n1,3\n", 3, "expected 3 fields"),
+    ("user,item,timestamp\n1,2,3\n\n1,3,\n", 4, "missing timestamp"),
+    ("user,item,timestamp\n1,2,3\n,3,4\n", 3, "missing user"),
+    ("user,item,timestamp\n1,2,9\n1,3,10x\n", 3, "timestamp must be a number, got '10x'"),
+    ("user,item,timestamp\n1,2,9\n1,3,2026-01-01\n", 3, "timestamp must be a number"),
+    ("user,item,timestamp\n1,2,9.5\n1,3,nan\n", 3, "timestamp must be a number"),
+    ("user,item,timestamp\n1,2,9.5\n1,3,1e999\n", 3, "timestamp '1e999' is not finite"),
+    ("user,item,timestamp\n1,2,3\n1,99999999999999999999,4\n", 3, "item id 99999999999999999999 does not fit"),
+    ('user,item,timestamp\n1,2,3\n1,"3\n', 3, "expected 3 fields|malformed CSV"),
+])
+def test_table_reader_rejects_malformed_rows_with_file_and_line(tmp_path, text, line, why):
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"log\.csv:{line}: ({why})"):
+        read_interactions(path)
+
+
+def test_table_reader_rejects_empty_binary_and_unreadable_files(tmp_path):
+    path = tmp_path / "log.csv"
+    for raw, why in [(b"", ": empty file"), (b"\n \n", ": empty file"), (b"user,item,timestamp\n", ": no interactions"),
+                     (b"user,item,timestamp\n1,2,3\n\x89PNG\r\n\x1a\n\x00\x00", ":3: not valid UTF-8"),
+                     (b"user,item,timestamp\n1,2,3\n1,\x00,4\n", ":3: NUL byte")]:
+        path.write_bytes(raw)
+        with pytest.raises(ValueError, match=rf"log\.csv{why}"):
+            read_interactions(path)
+    bad_parquet = tmp_path / "log.parquet"
+    bad_parquet.write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"log\.parquet: not a readable Parquet file"):
+        read_interactions(bad_parquet)
+    with pytest.raises(ValueError, match="no such file"):
+        read_interactions(tmp_path / "absent.csv")
+    with pytest.raises(ValueError, match="sep must be one character"):
+        path.write_text("user,item,timestamp\n1,2,3\n")
+        read_interactions(path, sep="::")
+
+
+def test_table_reader_parses_numbers_so_timestamps_sort_numerically(tmp_path):
+    path = tmp_path / "log.tsv"
+    path.write_text("item\tuser\ttimestamp\textra\nb\tu1\t10\tx\na\tu1\t9\ty\n\nc\tu2\t1.5e1\tz\n")
+    table = read_interactions(path, sep=None)  # detected: tab
+    assert table["timestamp"].dtype == np.float64 and table["timestamp"].tolist() == [10.0, 9.0, 15.0]
+    assert table["user"].tolist() == ["u1", "u1", "u2"]  # non-integer ids stay strings
+    assert [s.tolist() for s in table_to_sequences(table).sequences] == [[1, 2], [3]]  # 9 before 10
+    path.write_text("user,item,timestamp\n1,7,10\n1,8,9\n")
+    table = read_interactions(path)
+    assert table.dtypes.tolist() == [np.int64] * 3
+    assert [s.tolist() for s in table_to_sequences(table).sequences] == [[2, 1]]
+    frame = pd.DataFrame({"user": [1, 1], "item": [3, 4], "timestamp": ["10", "9"]})
+    frame.to_parquet(tmp_path / "s.parquet")  # string timestamps in Parquet are parsed too
+    assert read_interactions(tmp_path / "s.parquet")["timestamp"].tolist() == [10, 9]
+    frame.assign(timestamp=["10", "x"]).to_parquet(tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match=r"s\.parquet: data row 2: timestamp must be a number"):
+        read_interactions(tmp_path / "s.parquet")
+    frame.assign(timestamp=[1.0, float("nan")]).to_parquet(tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match=r"s\.parquet: data row 2: missing timestamp"):
+        read_interactions(tmp_path / "s.parquet")
+    frame.assign(timestamp=pd.to_datetime(["2020-01-02", "2020-01-01"])).to_parquet(tmp_path / "s.parquet")
+    assert read_interactions(tmp_path / "s.parquet")["timestamp"].is_monotonic_decreasing
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (b"1::10::5\n", "expected 'user::item::rating::timestamp', got 3 fields"),
+    (b"1::10::5::97830076x\n", "timestamp must be a non-negative integer"),
+    (b"1::10::5::978300760::1\n", "expected .*, got 5 fields"), (b"1::\xff::5::978300760\n", "not valid UTF-8"),
+    (b"1::99999999999999999999::5::1\n", "item 99999999999999999999 does not fit in int64"),
+])
+def test_movielens_reader_rejects_malformed_lines(tmp_path, raw, why):
+    path = tmp_path / "ratings.dat"
+    path.write_bytes(b"1::10::5::978300760\n\n" + raw)
+    with pytest.raises(ValueError, match=rf"ratings\.dat:3: {why}"):
+        read_movielens_ratings(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="no ratings"):
+        read_movielens_ratings(path)
+
+
 def test_reader_groups_users_in_order(tmp_path):
     path = tmp_path / "ok.txt"
     path.write_text("5 3\n5 1\n2 7\n5 2\n")

@@ -12,8 +12,11 @@ Items are numbered 1..num_items everywhere (0 is padding); a user's history is a
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -92,29 +95,58 @@ def _fail(path, line_no: int, message: str):
     raise ValueError(f"{path}:{line_no}: {message}")
 
 
+INT64_MAX = np.iinfo(np.int64).max
+INT64_MIN = np.iinfo(np.int64).min
+_DIGITS = re.compile(rb"[0-9]+")  # the SASRec and MovieLens files: ids are plain ASCII decimal numbers
+_INTEGER = r"[+-]?[0-9]+"  # a table's integer ids and timestamps
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # a table's (finite) float timestamps
+CSV_SEPARATORS = ",;\t| "
+SNIFF_BYTES = 1 << 16
+
+
+def _text_lines(path):
+    """``(line_no, text)`` for each line of a UTF-8 file; invalid UTF-8 raises ValueError naming the line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _fail(path, line_no, f"not valid UTF-8 (byte {raw[exc.start:exc.start + 1]!r} at column "
+                                     f"{exc.start + 1})")
+
+
+def _id(path, line_no: int, text: str, what: str) -> int:
+    """A non-negative decimal id in int64 range, else ValueError naming the file and line."""
+    if not _DIGITS.fullmatch(text.encode("utf-8", "replace")):
+        _fail(path, line_no, f"{what} must be a non-negative integer, got {text!r}")
+    value = int(text)
+    if value > INT64_MAX:
+        _fail(path, line_no, f"{what} {text} does not fit in int64 (max {INT64_MAX})")
+    return value
+
+
 def read_sasrec_txt(path: str | os.PathLike) -> SequenceData:
     """Read the SASRec text format: one ``user item`` pair of positive integers per line, in time order per user.
 
     Users are numbered in order of first appearance; their items keep the file's line order (the original reader
     does the same, so a user's lines need not be contiguous). Item ids must be >= 1 (0 is padding); the catalogue
     is 1..max item id. Blank lines are skipped. Raises ``ValueError`` naming the file and line number for a line
-    that is not two integers, or an id < 1, and for a file with no interactions.
+    that is not valid UTF-8, not two ASCII decimal integers, an id < 1 or an id beyond int64, and for a file with no
+    interactions.
     """
     users: dict[int, list[int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                _fail(path, line_no, f"expected 'user item', got {len(fields)} fields: {line.rstrip()!r}")
-            try:
-                user, item = int(fields[0]), int(fields[1])
-            except ValueError:
-                _fail(path, line_no, f"ids must be integers, got {line.rstrip()!r}")
-            if user < 1 or item < 1:
-                _fail(path, line_no, f"ids start at 1 (item 0 is padding), got {line.rstrip()!r}")
-            users.setdefault(user, []).append(item)
+    for line_no, line in _text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            _fail(path, line_no, f"expected 'user item', got {len(fields)} fields: {line.rstrip()!r}")
+        if not all(_DIGITS.fullmatch(f.encode("utf-8", "replace")) for f in fields):
+            _fail(path, line_no, f"ids must be integers, got {line.rstrip()!r}")
+        user, item = (_id(path, line_no, f, name) for f, name in zip(fields, ("user id", "item id"), strict=True))
+        if user < 1 or item < 1:
+            _fail(path, line_no, f"ids start at 1 (item 0 is padding), got {line.rstrip()!r}")
+        users.setdefault(user, []).append(item)
     if not users:
         raise ValueError(f"{path}: no interactions")
     sequences = [np.asarray(items, dtype=np.int64) for items in users.values()]
@@ -122,23 +154,140 @@ def read_sasrec_txt(path: str | os.PathLike) -> SequenceData:
     return SequenceData(sequences, num_items, np.asarray(list(users), dtype=np.int64))
 
 
+def _first_bad(values: pd.Series, pattern: str) -> int | None:
+    """Position of the first string in ``values`` that does not fully match ``pattern`` (None: all match)."""
+    bad = ~values.str.fullmatch(pattern, na=False).to_numpy()
+    return int(bad.argmax()) if bad.any() else None
+
+
+def _ids_column(values: pd.Series, where, what: str) -> pd.Series:
+    """Integer ids as int64 when every value is an integer (each in int64 range), else the strings themselves."""
+    if _first_bad(values, _INTEGER) is not None:
+        return values
+    as_int = values.map(int)
+    out_of_range = ((as_int > INT64_MAX) | (as_int < INT64_MIN)).to_numpy()
+    if out_of_range.any():
+        row = int(out_of_range.argmax())
+        raise ValueError(f"{where(row)}: {what} {values.iloc[row]} does not fit in int64")
+    return as_int.astype(np.int64)
+
+
+def _timestamps_column(values: pd.Series, where) -> pd.Series:
+    """Numeric timestamps: int64 if every value is an integer, else finite float64; anything else is an error (a
+    string column would sort "10" before "9")."""
+    if _first_bad(values, _INTEGER) is None:
+        return _ids_column(values, where, "timestamp")
+    row = _first_bad(values, _NUMBER)
+    if row is not None:
+        raise ValueError(f"{where(row)}: timestamp must be a number, got {values.iloc[row]!r}")
+    floats = values.astype(np.float64)
+    if not np.isfinite(floats.to_numpy()).all():
+        row = int((~np.isfinite(floats.to_numpy())).argmax())
+        raise ValueError(f"{where(row)}: timestamp {values.iloc[row]!r} is not finite")
+    return floats
+
+
+def _read_csv_rows(path: str, sep: str | None) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows and each row's line number, by the ``csv`` module (so every error can name its line)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(path, raw.count(b"\n", 0, exc.start) + 1, f"not valid UTF-8 (byte {raw[exc.start:exc.start + 1]!r})")
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected a header line with the column names)")
+    if "\0" in text:
+        _fail(path, text.count("\n", 0, text.index("\0")) + 1, "NUL byte: not a text CSV file")
+    if sep is None:
+        try:
+            sep = csv.Sniffer().sniff(text[:SNIFF_BYTES], delimiters=CSV_SEPARATORS).delimiter
+        except csv.Error as exc:
+            raise ValueError(f"{path}: could not detect the separator ({exc}); pass sep=") from None
+    if not isinstance(sep, str) or len(sep) != 1:
+        raise ValueError(f"sep must be one character or None, got {sep!r}")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    rows, lines, header = [], [], None
+    try:
+        for row in reader:
+            if not row or all(not field.strip() for field in row):
+                continue  # blank line
+            if header is None:
+                header = [field.strip() for field in row]
+                continue
+            if len(row) != len(header):
+                _fail(path, reader.line_num, f"expected {len(header)} fields (as the header), got {len(row)}: "
+                                             f"{sep.join(row)!r}")
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        _fail(path, reader.line_num, f"malformed CSV: {exc}")
+    return header, rows, lines
+
+
 def read_interactions(path: str | os.PathLike, *, user_col: str = "user", item_col: str = "item",
                       time_col: str = "timestamp", sep: str | None = ",") -> pd.DataFrame:
-    """A CSV (``sep``: its separator; None sniffs it) or Parquet table as a DataFrame with columns
-    ``user``, ``item``, ``timestamp`` (renamed from the given column names; other columns dropped)."""
+    """A CSV (``sep``: its one-character separator; None detects it) or Parquet table as a DataFrame with columns
+    ``user``, ``item``, ``timestamp`` (renamed from the given column names; other columns dropped).
+
+    CSV: a UTF-8 file whose first non-blank line names the columns; blank lines are skipped. User and item ids are
+    int64 when every value is an integer, else kept as strings. Timestamps must be numbers (int64, or float64 if any
+    has a fraction or exponent) or, in Parquet, a datetime column. Every malformed input raises ``ValueError``
+    naming the file and the line (CSV) or data row (Parquet): invalid UTF-8, a row with more or fewer fields than
+    the header, an empty field, a non-numeric or non-finite timestamp, an integer beyond int64, a missing column,
+    an empty or unreadable file.
+    """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    wanted = {user_col: "user", item_col: "item", time_col: "timestamp"}
     if path.endswith((".parquet", ".pq")):
-        table = pd.read_parquet(path)
+        try:
+            table = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, ...): name the file whatever it is
+            raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are {list(table.columns)}")
+        table = table[list(wanted)].rename(columns=wanted).reset_index(drop=True)
+
+        def where(row):
+            return f"{path}: data row {row + 1}"
+        lines = None
     else:
-        table = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c")
-    missing = [c for c in (user_col, item_col, time_col) if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; columns are {list(table.columns)}")
-    table = table[[user_col, item_col, time_col]].rename(
-        columns={user_col: "user", item_col: "item", time_col: "timestamp"})
-    if table[["user", "item", "timestamp"]].isna().any().any():
-        row = int(table.isna().any(axis=1).to_numpy().argmax())
-        raise ValueError(f"{path}: missing value in data row {row + 1}")
+        header, rows, lines = _read_csv_rows(path, sep)
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are {header}")
+        index = [header.index(c) for c in wanted]
+        table = pd.DataFrame({name: pd.Series([row[i].strip() for row in rows], dtype=object)
+                              for i, name in zip(index, wanted.values(), strict=True)})
+
+        def where(row):
+            return f"{path}:{lines[row]}"
+    if table.empty:
+        raise ValueError(f"{path}: no interactions (only a header)")
+    for name in ("user", "item", "timestamp"):
+        column = table[name]
+        empty = column.isna().to_numpy()
+        if lines is not None:
+            empty = empty | (column == "").to_numpy()
+        if empty.any():
+            raise ValueError(f"{where(int(empty.argmax()))}: missing {name}")
+    text_timestamps = table["timestamp"].dtype == object or pd.api.types.is_string_dtype(table["timestamp"])
+    if lines is not None or text_timestamps:
+        # Text values (CSV, or a Parquet string column): parse them, naming the first bad one.
+        for name in ("user", "item"):
+            if lines is not None:
+                table[name] = _ids_column(table[name], where, f"{name} id")
+        table["timestamp"] = _timestamps_column(table["timestamp"].astype(str), where)
+    elif not (pd.api.types.is_numeric_dtype(table["timestamp"]) or
+              pd.api.types.is_datetime64_any_dtype(table["timestamp"])) or \
+            pd.api.types.is_bool_dtype(table["timestamp"]):
+        raise ValueError(f"{path}: timestamp column must be numeric or datetime, got {table['timestamp'].dtype}")
+    elif pd.api.types.is_float_dtype(table["timestamp"]) and not np.isfinite(table["timestamp"].to_numpy()).all():
+        row = int((~np.isfinite(table["timestamp"].to_numpy())).argmax())
+        raise ValueError(f"{where(row)}: timestamp {table['timestamp'].iloc[row]!r} is not finite")
     return table
 
 
@@ -280,9 +429,27 @@ def download_movielens_1m(dest: str | os.PathLike, *, url: str = ML1M_URL, sha25
 
 def read_movielens_ratings(path: str | os.PathLike) -> pd.DataFrame:
     """MovieLens-1M ``ratings.dat`` (``user::item::rating::timestamp``) as a DataFrame (user, item, rating,
-    timestamp): feed it to :func:`filter_min_interactions` and :func:`table_to_sequences` /
-    :func:`temporal_split`."""
-    return pd.read_csv(path, sep="::", engine="python", names=list(ML1M_COLUMNS), encoding="latin-1")
+    timestamp; int64): feed it to :func:`filter_min_interactions` and :func:`table_to_sequences` /
+    :func:`temporal_split`.
+
+    Raises ``ValueError`` naming the file and line for a line that is not valid UTF-8 (the file is ASCII), has
+    other than 4 ``::``-separated fields, or a field that is not a non-negative integer in int64 range, and for a
+    file with no ratings. Blank lines are skipped.
+    """
+    columns: list[list[int]] = [[] for _ in ML1M_COLUMNS]
+    for line_no, line in _text_lines(path):
+        if not line.strip():
+            continue
+        fields = line.strip().split("::")
+        if len(fields) != len(ML1M_COLUMNS):
+            _fail(path, line_no, f"expected 'user::item::rating::timestamp', got {len(fields)} fields: "
+                                 f"{line.rstrip()!r}")
+        for column, name, text in zip(columns, ML1M_COLUMNS, fields, strict=True):
+            column.append(_id(path, line_no, text.strip(), name))
+    if not columns[0]:
+        raise ValueError(f"{path}: no ratings")
+    return pd.DataFrame({name: np.asarray(values, dtype=np.int64)
+                         for name, values in zip(ML1M_COLUMNS, columns, strict=True)})
 
 
 class TrainBatches:
