@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import CEOptions, check_options, prepare_inputs, resolve_filter_eps
-from .ops.torch_ce import torch_linear_cross_entropy
+from ._common import autocast_inputs, check_options, prepare_inputs, resolve_filter_eps
+from .ops._library import is_strict
 
 
 def _triton_available() -> bool:
@@ -35,13 +35,32 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _autocast(hidden, weight, bias):
-    """Under torch.autocast, cast like the F.linear this replaces would (to the autocast dtype)."""
-    device_type = hidden.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return hidden, weight, bias
+    """Under torch.autocast, cast like the F.linear this replaces would (see ``_common.autocast_inputs``)."""
+    return autocast_inputs(hidden, weight, bias)
+
+
+def _linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                          shift, filter_eps, backend, lse_wanted: bool):
+    check_options(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, shift=shift, backend=backend,
+    )
+    inputs = prepare_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, shift=shift)
+    h, w, b = inputs.hidden, inputs.weight, inputs.bias
+    filter_eps = resolve_filter_eps(filter_eps, h.dtype)
+    resolved = _resolve_backend(backend, h.device)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and h.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad]
+    # The torch backend applies the backward GEMMs during the forward when the upstream gradient is one scalar
+    # (3 GEMMs instead of 4): not for "none" (per-token upstream gradients) nor when the LSE is returned (it may
+    # receive a gradient of its own); those recompute the logits in backward.
+    precompute = needs if resolved == "torch" and reduction != "none" and not lse_wanted else [False] * 3
+    loss, lse, *_ = torch.ops.largevocab.linear_cross_entropy(
+        h, w, b, inputs.targets, ignore_index, reduction, float(label_smoothing), float(z_loss),
+        float(softcap) if softcap is not None else None, filter_eps, resolved, precompute, is_strict(),
+    )
+    lse = lse.reshape(inputs.target_shape)
+    return (loss.reshape(inputs.target_shape) if reduction == "none" else loss), lse
 
 
 def linear_cross_entropy_with_lse(
@@ -65,43 +84,13 @@ def linear_cross_entropy_with_lse(
     (float32, float64 for float64 inputs) and is defined for every position, ignored ones included
     (with ``shift``, position ``t`` is the LSE of row ``t`` of ``hidden``). ``lse`` is differentiable:
     ``d lse_n / d logits_n = softmax(logits_n)``. When ``lse`` receives a gradient, gradient filtering is off.
+    Torch equivalent: ``torch.logsumexp(logits, -1)`` beside the loss.
     """
-    check_options(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, shift=shift, backend=backend,
+    return _linear_cross_entropy(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift, filter_eps=filter_eps,
+        backend=backend, lse_wanted=True,
     )
-    inputs = prepare_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, shift=shift)
-    h, w, b = _autocast(inputs.hidden, inputs.weight, inputs.bias)
-    opts = CEOptions(
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=float(softcap) if softcap is not None else None,
-        filter_eps=resolve_filter_eps(filter_eps, h.dtype),
-    )
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if h.shape[0] == 0:
-        # Keep the graph connected so backward yields zero gradients of the right shapes.
-        loss = (h.sum() * 0.0 + w.sum() * 0.0).to(acc_dtype)
-        if b is not None:
-            loss = loss + b.sum() * 0.0
-        lse = h.new_zeros(inputs.target_shape, dtype=acc_dtype)
-        return (loss if reduction != "none" else h.new_zeros(inputs.target_shape, dtype=acc_dtype)), lse
-    resolved = _resolve_backend(backend, h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        if resolved == "triton":
-            from .ops.triton_ce import triton_linear_cross_entropy
-
-            loss, lse = triton_linear_cross_entropy(h, w, b, inputs.targets, inputs.valid, opts)
-        else:
-            loss, lse = torch_linear_cross_entropy(h, w, b, inputs.targets, inputs.valid, opts)
-    lse = lse.reshape(inputs.target_shape)
-    if reduction == "none":
-        return loss.reshape(inputs.target_shape), lse
-    total = loss.sum()
-    if reduction == "sum":
-        return total, lse
-    # Mean over non-ignored tokens; 0 (with zero gradients) when all are ignored, instead of torch's NaN.
-    return total / inputs.valid.sum().clamp(min=1).to(total.dtype), lse
 
 
 def linear_cross_entropy(
@@ -158,10 +147,10 @@ def linear_cross_entropy(
     Backward is deterministic (bit-identical across runs) under ``torch.use_deterministic_algorithms(True)``;
     otherwise the Triton backend accumulates dH/dW with atomics.
     """
-    loss, _ = linear_cross_entropy_with_lse(
+    loss, _ = _linear_cross_entropy(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift, filter_eps=filter_eps,
-        backend=backend,
+        backend=backend, lse_wanted=False,
     )
     return loss
 

@@ -118,18 +118,34 @@ def test_gradcheck_none_reduction(backend):
 
 
 def test_torch_backend_chunking_is_invisible():
+    """Chunk and cache-block sizes change nothing: the fused forward+backward and the recomputing backward agree
+    with each other and across chunkings."""
     from largevocab._common import CEOptions
-    from largevocab.ops.torch_ce import torch_linear_cross_entropy
+    from largevocab.ops import torch_ce
 
     hidden, weight, targets, bias = make_inputs(v=311, bias=True)
+    h, w, b = hidden.detach(), weight.detach(), bias.detach()
     valid = targets != IGNORE
+    safe = torch.where(valid, targets, 0)
     opts = CEOptions(label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    g = torch.rand(targets.shape, dtype=torch.float64)
+    gl = torch.rand(targets.shape, dtype=torch.float64)
+    needs = (True, True, True)
     outs = []
-    for chunk in (1, 17, 1000):
-        loss, lse = torch_linear_cross_entropy(hidden, weight, bias, targets, valid, opts, chunk_rows=chunk)
-        outs.append((loss.detach(), torch.autograd.grad((loss + lse).sum(), (hidden, weight, bias))))
+    for chunk, block in ((1, 1), (17, 5), (1000, 1 << 20)):
+        torch_ce.CACHE_BLOCK_ELEMENTS, previous = block * 311, torch_ce.CACHE_BLOCK_ELEMENTS
+        try:
+            loss, lse, *fused = torch_ce.forward(h, w, b, safe, valid, opts, g=g, needs=needs, chunk_rows=chunk)
+            recomputed = torch_ce.backward(h, w, b, safe, valid, opts, g, None, needs, chunk_rows=chunk)
+            with_lse = torch_ce.backward(h, w, b, safe, valid, opts, g, gl, needs, chunk_rows=chunk)
+        finally:
+            torch_ce.CACHE_BLOCK_ELEMENTS = previous
+        for a, r in zip(fused, recomputed, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+        outs.append((loss, lse, *fused, *with_lse))
     for other in outs[1:]:
-        assert_close_all(other, outs[0], rtol=1e-12, atol=1e-13)
+        for a, r in zip(other, outs[0], strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("splits", [1, 3, 10])

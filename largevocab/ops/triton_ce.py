@@ -15,6 +15,7 @@ upcast to float32, because the interpreter's low-precision arithmetic is wrong.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -62,12 +63,28 @@ PARAM_EPS_OVER_V = tl.constexpr(2)
 PARAM_FILTER_EPS = tl.constexpr(3)
 # The forward splits the vocabulary so that at least this many programs per SM keep the GPU busy at small N.
 PROGRAMS_PER_SM = 2
+# |x| below which _tanh uses its series: there the exponential form loses up to 3 bits to cancellation (1/8 gives
+# exp(1/4) + 1 = 2.28, 1 - 2/2.28 = 0.12), while the series' first omitted term, 21844/6081075 x**13, is < 1e-12 x.
+TANH_SERIES_BOUND = tl.constexpr(0.125)
 
 
 @triton.jit
 def _tanh(x):
-    # libdevice's tanh is not available under the interpreter; this form saturates to +-1 at +-inf.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh(x) to a few ulp in float32 and float64, saturating to +-1 at +-inf (libdevice's tanh is not available
+    under the interpreter).
+
+    ``1 - 2 / (exp(2|x|) + 1)`` cancels for small |x|: its absolute error is ~eps, so ``softcap * tanh(s /
+    softcap)`` was off by ~eps * softcap (0.9 % of the loss at softcap = 1e6). Below ``TANH_SERIES_BOUND`` the odd
+    Taylor series up to x**11 is used instead (truncation error below 1e-13 relative); above it the exponential
+    form is within ~8 ulp.
+    """
+    a = tl.abs(x)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
+        62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
+    exp_form = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    exp_form = tl.where(x < 0, -exp_form, exp_form)
+    return tl.where(a < TANH_SERIES_BOUND, series, exp_form)
 
 
 @triton.jit
@@ -101,13 +118,33 @@ def _logits_tile(
 
 
 @triton.jit
+def _online_lse(m, sum_exp, s):
+    """Fold a (rows, cols) tile into a running (max, sum of exp relative to the safe shift).
+
+    The shift is the running max, or 0 while it is infinite: a row that has seen only -inf keeps sum 0, and a row
+    with a +inf logit gets sum +inf, so ``shift + log(sum)`` is torch.logsumexp's -inf / +inf there instead of the
+    NaN of inf - inf.
+    """
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    shift_old = tl.where(tl.abs(m) == float("inf"), 0.0, m)
+    shift_new = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
+    sum_exp = sum_exp * tl.exp(shift_old - shift_new) + tl.sum(tl.exp(s - shift_new[:, None]), axis=1)
+    return m_new, sum_exp
+
+
+@triton.jit
+def _lse_of(m, sum_exp):
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m) + tl.log(sum_exp)
+
+
+@triton.jit
 def _ce_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, param_ptr, N, V, D, stride_hn, stride_wv, v_per_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per (row block, vocabulary slice): running max, sum of exp, target logit and logit sum -> part[4, S, N]."""
+    """Per (row block, vocabulary slice): the slice's log-sum-exp, target logit and logit sum -> part[3, S, N]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -128,21 +165,17 @@ def _ce_fwd_kernel(
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
         )
         in_vocab = (offs_v < v_hi)[None, :]
-        s_masked = tl.where(in_vocab, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s_masked, axis=1))
-        sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(s_masked - m_new[:, None]), axis=1)
-        m = m_new
+        m, sum_exp = _online_lse(m, sum_exp, tl.where(in_vocab, s, float("-inf")))
         tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], s, 0.0), axis=1)
         if HAS_SMOOTHING:
             logit_sum += tl.sum(tl.where(in_vocab, s, 0.0), axis=1)
 
     out = part_ptr + pid_s.to(tl.int64) * N + offs_n
     plane = n_splits.to(tl.int64) * N
-    tl.store(out, m, mask=mask_n)
-    tl.store(out + plane, sum_exp, mask=mask_n)
-    tl.store(out + 2 * plane, tgt_logit, mask=mask_n)
+    tl.store(out, _lse_of(m, sum_exp), mask=mask_n)
+    tl.store(out + plane, tgt_logit, mask=mask_n)
     if HAS_SMOOTHING:
-        tl.store(out + 3 * plane, logit_sum, mask=mask_n)
+        tl.store(out + 2 * plane, logit_sum, mask=mask_n)
 
 
 @triton.jit
@@ -304,11 +337,14 @@ def _ce_bwd_dw_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, a_ptr, g_ptr, gl_ptr, dw_ptr, db_ptr,
     param_ptr, order_ptr, N, V, D, stride_hn, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, FILTER: tl.constexpr,
-    SORTED: tl.constexpr,
-    NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    SORTED: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Deterministic dW and dbias: a program owns BLOCK_V rows of dW and walks the tokens in order."""
+    """Deterministic dW and/or dbias: a program owns BLOCK_V rows of dW (and dbias) and walks the tokens in order.
+
+    Each of dW and dbias is touched only when asked for: the launcher passes a small placeholder for the other.
+    """
     pid_v = tl.program_id(0)
     offs_v = _vocab_block(order_ptr, pid_v * BLOCK_V, V, BLOCK_V, SORTED)
     mask_v = offs_v < V
@@ -326,19 +362,21 @@ def _ce_bwd_dw_kernel(
             HAS_SOFTCAP, HAS_GRAD_LSE, FILTER,
         )
         if keep:
-            db += tl.sum(dz, axis=0)
+            if NEED_DB:
+                db += tl.sum(dz, axis=0)
             dz_op = dz if UPCAST else dz.to(h_ptr.dtype.element_ty)
             h_rows = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
             mask_n = offs_n < N
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                mask = mask_v[:, None] & (d[None, :] < D)
-                h = tl.load(h_rows + d[None, :], mask=mask_n[:, None] & (d[None, :] < D), other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dw = tl.load(dw_rows + d[None, :], mask=mask, other=0.0)
-                dw += tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-                tl.store(dw_rows + d[None, :], dw, mask=mask)
+            if NEED_DW:
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + offs_d
+                    mask = mask_v[:, None] & (d[None, :] < D)
+                    h = tl.load(h_rows + d[None, :], mask=mask_n[:, None] & (d[None, :] < D), other=0.0)
+                    if UPCAST:
+                        h = h.to(tl.float32)
+                    dw = tl.load(dw_rows + d[None, :], mask=mask, other=0.0)
+                    dw += tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                    tl.store(dw_rows + d[None, :], dw, mask=mask)
     if NEED_DB:
         tl.store(db_ptr + offs_v, db, mask=mask_v)
 
@@ -438,7 +476,7 @@ def _forward(hidden, weight, bias, targets, opts: CEOptions, splits: int | None 
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), cfg.BLOCK_V) * cfg.BLOCK_V
     splits = triton.cdiv(vocab, v_per_split)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    part = torch.empty((4, splits, n_rows), dtype=acc, device=hidden.device)
+    part = torch.empty((3, splits, n_rows), dtype=acc, device=hidden.device)
     launch(
         _ce_fwd_kernel, (n_blocks, splits), cfg, hidden.device,
         hidden, weight, bias if bias is not None else hidden, targets, part, _params(opts, vocab, acc, hidden.device),
@@ -446,9 +484,9 @@ def _forward(hidden, weight, bias, targets, opts: CEOptions, splits: int | None 
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
         **consts,
     )
-    m, sum_exp, tgt_logit, logit_sum = part.unbind(0)
-    m_max = m.max(dim=0).values
-    lse = m_max + (sum_exp * torch.exp(m - m_max)).sum(dim=0).log()
+    split_lse, tgt_logit, logit_sum = part.unbind(0)
+    # torch.logsumexp keeps the non-finite cases of a materialised log-sum-exp (+inf, -inf, NaN) in the merge.
+    lse = torch.logsumexp(split_lse, dim=0)
     return lse, tgt_logit.sum(dim=0), (logit_sum.sum(dim=0) if opts.label_smoothing else None)
 
 
@@ -500,7 +538,8 @@ def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, nee
         if need_w or need_b:
             launch(
                 _ce_bwd_dw_kernel, lambda c: (v_blocks(c),), cfg, device,
-                *common, dw if need_w else dummy, db if need_b else dummy, *scalars, NEED_DB=need_b, **flags,
+                *common, dw if need_w else dummy, db if need_b else dummy, *scalars, NEED_DW=need_w, NEED_DB=need_b,
+                **flags,
             )
     else:
         launch(
@@ -511,55 +550,40 @@ def _backward(hidden, weight, bias, targets, lse, a, g, gl, opts: CEOptions, nee
     return dh, dw, db
 
 
-# ------------------------------------------------------------------------------------------ autograd
+# ------------------------------------------------------------------------------ entry points of the op layer
 
 
-class _TritonLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, opts: CEOptions, splits):
-        lse, tgt_logit, logit_sum = _forward(hidden, weight, bias, targets, opts, splits)
-        loss = combine_loss(lse, tgt_logit, logit_sum, valid, opts, weight.shape[0])
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        hidden, weight, bias, targets, valid, lse = ctx.saved_tensors
-        opts = ctx.opts
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse)).contiguous()
-        a = (1.0 + 2.0 * opts.z_loss * lse).contiguous()
-        gl = grad_lse.to(lse.dtype).contiguous() if grad_lse is not None else None
-        dh, dw, db = _backward(
-            hidden, weight, bias, targets, lse, a, g, gl, opts, ctx.needs_input_grad[:3],
-            torch.are_deterministic_algorithms_enabled(),
-        )
-        return (
-            dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-            db.to(bias.dtype) if db is not None else None,
-            None, None, None, None,
-        )
-
-
-def triton_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    valid: torch.Tensor,
-    opts: CEOptions,
-    splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(hidden, weight, bias, targets, valid, opts: CEOptions, splits: int | None = None):
     """Per-token ``(loss, lse)`` of ``hidden`` (N, D) against ``weight`` (V, D): both (N,), float32/float64.
 
-    Same contract as ``largevocab.ops.torch_ce.torch_linear_cross_entropy``; ``splits`` overrides how many
-    vocabulary slices the forward uses (tests use it to cover the merge).
+    Same contract as ``largevocab.ops.torch_ce.forward`` without gradients (the Triton backward recomputes the
+    logits tile by tile); ``splits`` overrides how many vocabulary slices the forward uses (tests cover the merge).
     """
-    hidden = _rows_contiguous(hidden)
-    weight = _rows_contiguous(weight)
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
     bias = bias.contiguous() if bias is not None else None
-    return _TritonLinearCrossEntropy.apply(hidden, weight, bias, targets.contiguous(), valid, opts, splits)
+    lse, tgt_logit, logit_sum = _forward(hidden, weight, bias, targets.contiguous(), opts, splits)
+    return combine_loss(lse, tgt_logit, logit_sum, valid, opts, weight.shape[0]), lse
+
+
+def backward(hidden, weight, bias, targets, valid, lse, opts: CEOptions, g, gl, needs):
+    """``(dh, dw, db)`` in the input dtypes (None where ``needs`` says so) for per-token upstream gradients ``g`` of
+    the loss and ``gl`` of the LSE (either may be None). Deterministic under
+    ``torch.use_deterministic_algorithms(True)``, atomics otherwise."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    bias = bias.contiguous() if bias is not None else None
+    if g is None:
+        g = torch.zeros_like(lse)
+    g = torch.where(valid, g.to(lse.dtype), torch.zeros_like(lse)).contiguous()
+    # A row holding a +inf logit has lse = +inf. The materialised loss gradient of such a row is NaN everywhere
+    # (its log-softmax is NaN): a NaN coefficient a_n makes every delta of the row NaN, as there. The LSE's own
+    # gradient, gl * exp(s - lse), is NaN only at the +inf entries, as torch.logsumexp's is.
+    a = 1.0 + 2.0 * opts.z_loss * lse
+    a = torch.where(lse == math.inf, torch.full_like(a, math.nan), a).contiguous()
+    gl = gl.to(lse.dtype).contiguous() if gl is not None else None
+    dh, dw, db = _backward(hidden, weight, bias, targets.contiguous(), lse, a, g, gl, opts, needs,
+                           torch.are_deterministic_algorithms_enabled())
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

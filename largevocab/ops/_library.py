@@ -1,0 +1,282 @@
+"""The fused losses as ``torch.library`` custom ops: opaque, shape-known graph nodes for ``torch.compile``.
+
+Why custom ops: Dynamo and AOTAutograd see each fused computation as one node with a fake (meta) implementation,
+which gives output shapes and dtypes without running it, and a registered autograd formula. A compiled model then
+traces with no graph break, and meta-device inputs work too (FSDP's meta-device initialisation, shape inference).
+
+What stays inside the ops: everything that depends on tensor *values* — range checks of targets and indices, the
+number of non-ignored rows (SCE's default bucket sizes), random draws. Under ``torch.compile`` an op still runs
+eagerly at run time, so compiled results are bit-identical to eager ones, random draws from the global generator
+included. The Triton kernels are launched inside these ops rather than through ``torch.library.triton_op``: their
+launcher falls back to smaller configurations on ``OutOfResources`` and remembers what fitted per device, host logic
+that Inductor's tracing of a ``triton_op`` cannot express.
+
+Value checks (:func:`check_targets`), by mode. ``strict`` (what the public functions pass in eager mode) raises
+``ValueError`` naming the value at once. Non-strict (traced by ``torch.compile``): on the CPU it raises at once too
+(reading a CPU tensor costs no device sync); on CUDA it never syncs: nothing is read out of bounds, the rows with a
+bad value get a NaN loss and NaN gradients, and the ``ValueError`` naming the value is raised by the next largevocab
+op that runs after the GPU has finished that step (or by :func:`raise_pending_errors`).
+
+The random-draw ops take their ``torch.Generator`` through :func:`use_generator` (custom-op schemas have no
+generator type); ``torch.compile`` cannot trace a generator object, so under compile only ``generator=None`` (the
+global generator, seeded by ``torch.manual_seed``) is accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+
+from .._common import CEOptions, acc_dtype
+from . import torch_ce
+
+LIBRARY = "largevocab"
+# Deferred CUDA checks waiting for their copy to the host; beyond this many the oldest is waited for, so a
+# loop that never lets the GPU catch up still reports within a bounded delay.
+MAX_PENDING_CHECKS = 64
+
+_state = threading.local()
+
+
+# ------------------------------------------------------------------------------------------------ value checks
+
+
+class _PendingChecks:
+    """CUDA value checks whose verdict is copied to pinned host memory without a sync, read once ready."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def add(self, bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
+        first = torch.argmax(bad.to(torch.int8))
+        verdict = torch.stack([bad.any().to(torch.int64), values.reshape(-1)[first].to(torch.int64)])
+        host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host.copy_(verdict, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.items.append((event, host, message))
+        if len(self.items) > MAX_PENDING_CHECKS:
+            self.items[0][0].synchronize()
+
+    def raise_ready(self, wait: bool = False) -> None:
+        pending, self.items = self.items, []
+        for i, (event, host, message) in enumerate(pending):
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                self.items.extend(pending[i:])
+                return
+            if host[0]:
+                self.items.extend(pending[i + 1:])
+                raise ValueError(message.format(int(host[1])) + " (in an earlier call: reported without a sync)")
+
+
+_PENDING = _PendingChecks()
+
+
+def raise_pending_errors() -> None:
+    """Wait for the deferred CUDA value checks of earlier calls (see the module docstring) and raise the first
+    failure as ``ValueError``. A no-op on the CPU and when nothing failed."""
+    _PENDING.raise_ready(wait=True)
+
+
+def check_values(bad: torch.Tensor, values: torch.Tensor, message: str, strict: bool) -> torch.Tensor | None:
+    """Raise ``ValueError(message.format(first bad value))`` if any ``bad``; returns None when checked here, or
+    (non-strict CUDA) ``bad`` itself, whose rows the caller must poison with NaN."""
+    _PENDING.raise_ready()
+    if strict or bad.device.type != "cuda":
+        if bad.numel() and bool(bad.any()):
+            raise ValueError(message.format(values.reshape(-1)[bad.reshape(-1)][0].item()))
+        return None
+    _PENDING.add(bad, values, message)
+    return bad
+
+
+def _target_masks(targets: torch.Tensor, vocab: int, ignore_index: int):
+    valid = targets != ignore_index
+    return valid, valid & ((targets < 0) | (targets >= vocab))
+
+
+def _safe_targets(targets, valid, bad):
+    if bad is not None:
+        valid = valid & ~bad
+    return torch.where(valid, targets, torch.zeros_like(targets)), valid, bad
+
+
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, strict: bool):
+    """``(safe, valid, bad)`` for int64 ``targets`` (N,): ``valid`` marks rows that count, ``safe`` holds their
+    targets and 0 elsewhere (so every gather is in range), ``bad`` is None or (non-strict CUDA) the rows whose
+    target was out of range, to be poisoned with NaN by the caller."""
+    valid, out_of_range = _target_masks(targets, vocab, ignore_index)
+    bad = check_values(
+        out_of_range, targets, f"targets must be in [0, V={vocab}) or equal ignore_index={ignore_index}; found {{}}",
+        strict,
+    )
+    return _safe_targets(targets, valid, bad)
+
+
+def rechecked_targets(targets: torch.Tensor, vocab: int, ignore_index: int):
+    """The ``(safe, valid, bad)`` of :func:`check_targets` again, in a backward pass: the forward already raised
+    for a bad target wherever it could, so what is left (a non-strict CUDA call) is only poisoned."""
+    valid, out_of_range = _target_masks(targets, vocab, ignore_index)
+    return _safe_targets(targets, valid, out_of_range if targets.device.type == "cuda" else None)
+
+
+def poison(values: torch.Tensor, bad: torch.Tensor | None, per_row: bool) -> torch.Tensor:
+    """``values`` times NaN where ``bad`` (per row), or everywhere if any row is bad (a reduced value)."""
+    if bad is None:
+        return values
+    flag = bad if per_row else bad.any()
+    return values * torch.where(flag, math.nan, 1.0).to(values.dtype)
+
+
+def is_strict() -> bool:
+    """Value checks raise at once in eager mode; under torch.compile they must not sync (see the module doc)."""
+    return not torch.compiler.is_compiling()
+
+
+# ------------------------------------------------------------------------------------------------ generators
+
+
+@contextlib.contextmanager
+def use_generator(generator: torch.Generator | None):
+    """Make ``generator`` the one the random-draw ops use for the duration of the block (eager mode only)."""
+    if generator is not None and torch.compiler.is_compiling():
+        raise ValueError(
+            "torch.compile cannot trace a torch.Generator: pass generator=None under torch.compile (the draws then "
+            "use the global generator, seeded by torch.manual_seed, exactly as in eager mode)"
+        )
+    previous = getattr(_state, "generator", None)
+    _state.generator = generator
+    try:
+        yield
+    finally:
+        _state.generator = previous
+
+
+def current_generator() -> torch.Generator | None:
+    return getattr(_state, "generator", None)
+
+
+# ------------------------------------------------------------------------------ exact linear + cross-entropy
+
+
+def _empty_like_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+def _ce_outputs_fake(hidden, weight, bias, reduction, precompute):
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
+    lse = hidden.new_empty((n,), dtype=acc)
+    dh = torch.empty_like(hidden) if precompute[0] else _empty_like_rows(hidden)
+    dw = torch.empty_like(weight) if precompute[1] else _empty_like_rows(weight)
+    db = torch.empty_like(bias) if precompute[2] else _empty_like_rows(weight)
+    return loss, lse, dh, dw, db
+
+
+def _token_grad(g_loss, valid, reduction: str):
+    """Per-token upstream gradient of the loss from the gradient of the (reduced) output."""
+    if g_loss is None:
+        return None
+    if reduction == "none":
+        return g_loss
+    g = g_loss.expand(valid.shape)
+    if reduction == "mean":
+        g = g / valid.sum().clamp(min=1).to(g.dtype)
+    return g
+
+
+def _reduce(loss, valid, reduction: str):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    # Mean over non-ignored tokens; 0 (with zero gradients) when all are ignored, instead of torch's NaN.
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def _ce_backend(backend: str, hidden: torch.Tensor) -> str:
+    # The kernels need at least one row and one column of D; the chunked torch code handles the empty cases.
+    if backend == "triton" and (hidden.shape[0] == 0 or hidden.shape[1] == 0):
+        return "torch"
+    return backend
+
+
+@torch.library.custom_op(f"{LIBRARY}::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
+    filter_eps: float | None, backend: str, precompute: list[bool], strict: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, dh, dw, db)``: the reduced (or per-token) loss, the per-token LSE, and, where ``precompute``
+    asks (torch backend, scalar reductions), the gradients for a unit upstream gradient (empty otherwise)."""
+    opts = CEOptions(label_smoothing, z_loss, softcap, filter_eps)
+    safe, valid, bad = check_targets(targets, weight.shape[0], ignore_index, strict)
+    backend = _ce_backend(backend, hidden)
+    grads = (None, None, None)
+    if any(precompute):
+        g = _token_grad(torch.ones((), dtype=acc_dtype(hidden.dtype), device=hidden.device), valid, reduction)
+        loss, lse, *grads = torch_ce.forward(hidden, weight, bias, safe, valid, opts, g=g.contiguous(),
+                                             needs=tuple(precompute))
+        grads = [poison(t, bad, per_row=False) if t is not None else None for t in grads]
+    elif backend == "triton":
+        from . import triton_ce
+
+        loss, lse = triton_ce.forward(hidden, weight, bias, safe, valid, opts)
+    else:
+        loss, lse, *_ = torch_ce.forward(hidden, weight, bias, safe, valid, opts)
+    loss = _reduce(poison(loss, bad, per_row=True), valid, reduction)
+    dh, dw, db = (t if t is not None else _empty_like_rows(ref) for t, ref in zip(grads, (hidden, weight, weight)))
+    return loss, lse, dh, dw, db
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, filter_eps,
+      backend, precompute, strict):
+    return _ce_outputs_fake(hidden, weight, bias, reduction, precompute)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, filter_eps,
+     backend, precompute, strict) = inputs
+    _, lse, dh, dw, db = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.set_materialize_grads(False)
+    ctx.opts = CEOptions(label_smoothing, z_loss, softcap, filter_eps)
+    ctx.config = (ignore_index, reduction, backend, any(precompute), strict)
+
+
+def _ce_backward(ctx, g_loss, g_lse, *_):
+    hidden, weight, bias, targets, lse, dh, dw, db = ctx.saved_tensors
+    ignore_index, reduction, backend, precomputed, strict = ctx.config
+    needs = tuple(ctx.needs_input_grad[:3])
+    if g_loss is None and g_lse is None:
+        return (None,) * 13
+    if precomputed and g_lse is None:
+        # The forward already applied the backward GEMMs for a unit upstream gradient of the scalar loss.
+        scaled = [t * g_loss.to(t.dtype) if need else None for t, need in zip((dh, dw, db), needs)]
+        return (*scaled, *(None,) * 10)
+    if hidden.device.type == "meta":
+        grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else None)
+        return (*(t if need else None for t, need in zip(grads, needs)), *(None,) * 10)
+    safe, valid, bad = rechecked_targets(targets, weight.shape[0], ignore_index)
+    g = _token_grad(g_loss, valid, reduction)
+    if g is not None:
+        g = poison(g.to(lse.dtype), bad, per_row=True).contiguous()
+    backend = _ce_backend(backend, hidden)
+    if backend == "triton":
+        from . import triton_ce
+
+        grads = triton_ce.backward(hidden, weight, bias, safe, valid, lse, ctx.opts, g, g_lse, needs)
+    else:
+        grads = torch_ce.backward(hidden, weight, bias, safe, valid, ctx.opts, g, g_lse, needs)
+    return (*grads, *(None,) * 10)
+
+
+linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
