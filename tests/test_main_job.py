@@ -2,6 +2,7 @@
 `accelerate launch` with two CPU processes (DDP over gloo)."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,59 @@ def test_main_job_rejects_unknown_losses(tmp_path):
                            str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "focal" in proc.stderr
     assert not os.path.exists(tmp_path / "summary.csv")
+
+
+def test_exact_step_schedule_and_labels():
+    from largevocab.integrations.lm_benchmark import JobConfig
+
+    cfg = JobConfig(steps=10, exact_start=2, exact_end=3, exact_every=4)
+    assert [s for s in range(10) if cfg.is_exact_step("sce", s)] == [0, 1, 3, 7, 8, 9]
+    assert not any(cfg.is_exact_step(loss, s) for loss in ("ce", "cce") for s in range(10))
+    assert cfg.label("sce") == "sce b_y=256 exact_start=2 exact_end=3 exact_every=4"
+    assert JobConfig(num_negatives=64).label("sampled") == "sampled K=64" and cfg.label("cce") == "cce"
+
+
+def test_text_sources_through_datasets_and_their_errors(tmp_path):
+    pytest.importorskip("datasets")
+    import pandas as pd
+
+    from largevocab.integrations.lm_benchmark import JobConfig, load_text
+
+    rows = [{"body": "first line"}, {"body": "second, with ünïcode"}]
+    pd.DataFrame(rows).to_json(tmp_path / "c.jsonl", orient="records", lines=True)
+    pd.DataFrame(rows).to_parquet(tmp_path / "c.parquet")
+    for name in ("c.jsonl", "c.parquet"):
+        assert load_text(JobConfig(text=str(tmp_path / name), text_column="body")) == \
+            "first line\nsecond, with ünïcode"
+    with pytest.raises(ValueError, match=r"c\.jsonl' has no column 'text'; columns are \['body'\]"):
+        load_text(JobConfig(text=str(tmp_path / "c.jsonl")))
+    pd.DataFrame([{"body": "a"}, {"body": 3}]).to_json(tmp_path / "mixed.jsonl", orient="records", lines=True)
+    with pytest.raises(ValueError, match="could not load|row 2"):
+        load_text(JobConfig(text=str(tmp_path / "mixed.jsonl"), text_column="body"))
+    (tmp_path / "c.xml").write_text("<a/>")
+    with pytest.raises(ValueError, match="unknown file type '.xml'"):
+        load_text(JobConfig(text=str(tmp_path / "c.xml")))
+    with pytest.raises(ValueError, match="no such file"):
+        load_text(JobConfig(text=str(tmp_path / "absent.txt")))
+
+
+def test_main_job_on_a_jsonl_file_with_validation_curve_and_remedies(tmp_path):
+    pytest.importorskip("datasets")
+    from largevocab.integrations.lm_benchmark import DEFAULT_TEXT, read_text
+
+    corpus = tmp_path / "corpus.jsonl"
+    paragraphs = [p for p in read_text(DEFAULT_TEXT)[:60000].split("\n\n") if p.strip()]
+    with open(corpus, "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in paragraphs)
+    stdout, rows, out = run_job(tmp_path, "--text", str(corpus), "--losses", "ce,sce", "--steps", "4",
+                                "--eval-every", "2", "--exact-end", "1", "--exact-every", "2", "--val-windows", "3")
+    assert [r["label"] for r in rows] == ["ce", "sce b_y=256 exact_end=1 exact_every=2"]
+    assert [int(r["exact_steps"]) for r in rows] == [0, 2]  # steps 1 and 3 (every 2nd; the last is one of them)
+    assert all(int(r["val_tokens"]) == 3 * 32 and r["text"] == "corpus.jsonl" for r in rows)
+    with open(out / "val_curves.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert [(r["loss"], int(r["step"])) for r in curve] == [(loss, s) for loss in ("ce", "sce") for s in (0, 2, 4)]
+    # Step 0 is the same initial model for every loss, evaluated the same way.
+    assert curve[0]["val_ce"] == curve[3]["val_ce"] and float(curve[0]["train_seconds"]) == 0
+    assert float(rows[1]["val_loss"]) == float(curve[-1]["val_ce"])
+    assert "What each loss is for" in stdout and "val CE" in stdout
