@@ -607,5 +607,35 @@ def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
     assert "num_negatives" in capsys.readouterr().err
 
 
+def test_cli_reads_json_tables_through_datasets_and_names_bad_rows(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    from largevocab.integrations.sasrec import load_interactions_dataset
+
+    rng = np.random.default_rng(1)
+    rows = [{"uid": f"u{u}", "iid": int(rng.integers(1, 20)), "ts": int(t)}
+            for u in range(30) for t in rng.integers(0, 1000, 6)]
+    path = tmp_path / "log.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    table = load_interactions_dataset(str(path), user_col="uid", item_col="iid", time_col="ts")
+    expected = pd.DataFrame(rows).rename(columns={"uid": "user", "iid": "item", "ts": "timestamp"})
+    assert table.to_dict("list") == expected.to_dict("list")
+    out = tmp_path / "run"
+    assert cli_main(["--data", str(path), "--user-col", "uid", "--item-col", "iid", "--time-col", "ts",
+                     "--loss", "ce", "--hidden-dim", "8", "--max-len", "8", "--epochs", "1", "--no-progress",
+                     "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["split"]["users"] == 30
+    bad = tmp_path / "bad.jsonl"
+    pd.DataFrame(rows[:3] + [{"uid": "u9", "iid": 3, "ts": "soon"}]).to_json(bad, orient="records", lines=True)
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 4: timestamp must be a number, got 'soon'"):
+        load_interactions_dataset(str(bad), user_col="uid", item_col="iid", time_col="ts")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['user', 'item', 'timestamp'\]"):
+        load_interactions_dataset(str(path))
+    assert cli_main(["--data", str(tmp_path / "absent.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "log.xml").write_text("<a/>")
+    assert cli_main(["--data", str(tmp_path / "log.xml")]) == 2
+    assert "unknown file type" in capsys.readouterr().err
+
+
 def test_all_losses_are_covered():
     assert {name for name, _ in LOSS_CASES} == set(LOSS_NAMES)

@@ -2,10 +2,14 @@
 
     python -m largevocab.integrations.sasrec.cli --data ../shared/data/rec/ml-1m.txt --loss sce --out runs/sce
 
-``--data`` is a SASRec text file (``user item`` per line, leave-one-out split) or a CSV/Parquet table with user,
-item and timestamp columns (``--split loo`` or ``temporal``; ``--min-item-interactions``/``--min-user-interactions``
-filter it first). Writes ``OUT/best.pt`` (reload with ``largevocab.integrations.sasrec.load_checkpoint``) and
-``OUT/metrics.json``; prints the test metrics. Returns 0 on success, 2 on bad arguments or data.
+``--data`` is a SASRec text file (``user item`` per line, leave-one-out split) or a table with user, item and
+timestamp columns: CSV/TSV/Parquet (read and validated by :func:`read_interactions`), JSON/JSONL/Arrow files or a
+Hugging Face Hub dataset name (``--data-split``, ``--data-config``), both through ``datasets``
+(:func:`load_interactions_dataset`). Tables take ``--split loo`` or ``temporal``;
+``--min-item-interactions``/``--min-user-interactions`` filter them first. ``--preset`` picks the settings of one
+reference code (SCE, SASRec+ or gSASRec) for every model/optimiser flag left unset. Writes ``OUT/best.pt`` (reload
+with ``largevocab.integrations.sasrec.load_checkpoint``), ``OUT/metrics.json`` and ``OUT/history.jsonl`` (one line
+per epoch); prints the test metrics. Returns 0 on success, 2 on bad arguments or data.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .data import (
     SCE_MIN_USER_INTERACTIONS,
     filter_min_interactions,
     leave_one_out,
+    load_interactions_dataset,
     read_interactions,
     read_sasrec_txt,
     table_to_sequences,
@@ -51,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="largevocab sasrec", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", required=True, help="SASRec .txt file, or .csv/.parquet interaction table")
+    data.add_argument("--data", required=True,
+                      help="SASRec .txt file; a .csv/.tsv/.parquet/.json/.jsonl/.arrow interaction table; or a "
+                           "Hugging Face Hub dataset name (through `datasets`, needs internet)")
+    data.add_argument("--data-split", default="train", help="Hub dataset: the split to read")
+    data.add_argument("--data-config", default=None, help="Hub dataset: its configuration name")
     data.add_argument("--split", choices=("loo", "temporal"), default="loo",
                       help="leave-one-out, or the global temporal split (tables with timestamps only)")
     data.add_argument("--user-col", default="user")
@@ -117,18 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SASREC_TEXT = (".txt",)
+PANDAS_TABLES = (".csv", ".tsv", ".parquet", ".pq")
+DATASETS_FILES = (".json", ".jsonl", ".arrow")
+
+
+def load_table(args):
+    """The interaction table named by ``--data``: CSV/Parquet by the validated readers, JSON/Arrow files and Hub
+    dataset names through ``datasets``."""
+    path = args.data
+    columns = dict(user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and extension in PANDAS_TABLES:
+        return read_interactions(path, sep="\t" if extension == ".tsv" else ",", **columns)
+    if os.path.isfile(path) and extension in DATASETS_FILES:
+        return load_interactions_dataset(path, **columns)
+    if os.path.exists(path):
+        raise ValueError(f"--data {path!r}: unknown file type; use a SASRec {SASREC_TEXT} file or a table "
+                         f"{PANDAS_TABLES + DATASETS_FILES}")
+    if extension in SASREC_TEXT + PANDAS_TABLES + DATASETS_FILES:
+        raise ValueError(f"--data {path!r} does not exist")
+    return load_interactions_dataset(path, split=args.data_split, config=args.data_config, **columns)
+
+
 def load_split(args):
     path = args.data
-    if not os.path.exists(path):
-        raise ValueError(f"--data {path!r} does not exist")
-    if path.endswith(".txt"):
+    if os.path.isfile(path) and path.endswith(SASREC_TEXT):
         if args.split != "loo":
             raise ValueError("a SASRec .txt file has no timestamps: only --split loo applies")
         data = read_sasrec_txt(path)
         if args.max_users:
             data = data.head(args.max_users)
         return leave_one_out(data)
-    table = read_interactions(path, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    table = load_table(args)
     if args.max_users:
         table = table[table["user"].isin(table["user"].drop_duplicates().head(args.max_users))]
     if args.min_item_interactions or args.min_user_interactions:

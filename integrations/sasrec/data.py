@@ -101,6 +101,8 @@ _DIGITS = re.compile(rb"[0-9]+")  # the SASRec and MovieLens files: ids are plai
 _INTEGER = r"[+-]?[0-9]+"  # a table's integer ids and timestamps
 _NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"  # a table's (finite) float timestamps
 CSV_SEPARATORS = ",;\t| "
+# Local files read through `datasets` (load_interactions_dataset), by extension.
+DATASETS_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 SNIFF_BYTES = 1 << 16
 
 
@@ -246,48 +248,78 @@ def read_interactions(path: str | os.PathLike, *, user_col: str = "user", item_c
             table = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, ...): name the file whatever it is
             raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-        missing = [c for c in wanted if c not in table.columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {list(table.columns)}")
-        table = table[list(wanted)].rename(columns=wanted).reset_index(drop=True)
+        return _validated_frame(table, path, wanted, lambda row: f"{path}: data row {row + 1}")
+    header, rows, lines = _read_csv_rows(path, sep)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; columns are {header}")
+    index = [header.index(c) for c in wanted]
+    table = pd.DataFrame({column: pd.Series([row[i].strip() for row in rows], dtype=object)
+                          for i, column in zip(index, wanted, strict=True)})
+    return _validated_frame(table, path, wanted, lambda row: f"{path}:{lines[row]}", from_text=True)
 
-        def where(row):
-            return f"{path}: data row {row + 1}"
-        lines = None
-    else:
-        header, rows, lines = _read_csv_rows(path, sep)
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {header}")
-        index = [header.index(c) for c in wanted]
-        table = pd.DataFrame({name: pd.Series([row[i].strip() for row in rows], dtype=object)
-                              for i, name in zip(index, wanted.values(), strict=True)})
 
-        def where(row):
-            return f"{path}:{lines[row]}"
+def load_interactions_dataset(source: str, *, split: str = "train", config: str | None = None,
+                              user_col: str = "user", item_col: str = "item",
+                              time_col: str = "timestamp") -> pd.DataFrame:
+    """An interaction table through ``datasets.load_dataset``: a local ``.json``/``.jsonl``/``.csv``/``.parquet``/
+    ``.arrow`` file (by extension), or a Hugging Face Hub dataset name with ``config`` and ``split`` (needs
+    internet). Returns the (user, item, timestamp) DataFrame of :func:`read_interactions`, validated the same way;
+    errors name the source and the row."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"{source}: reading it needs the `datasets` package (pip install 'largevocab[hf]')") \
+            from exc
+    extension = os.path.splitext(source)[1].lower()
+    try:
+        if os.path.isfile(source):
+            if extension not in DATASETS_BUILDERS:
+                raise ValueError(f"{source}: unknown file type {extension!r} for datasets; use one of "
+                                 f"{sorted(DATASETS_BUILDERS)}")
+            data = datasets.load_dataset(DATASETS_BUILDERS[extension], data_files=source, split="train")
+        else:
+            data = datasets.load_dataset(source, config, split=split)
+    except ValueError:
+        raise
+    except Exception as exc:  # datasets raises many types (DatasetNotFoundError, network errors, builder errors)
+        kind = "file" if os.path.isfile(source) else "Hub dataset (no file by that name here; needs internet)"
+        raise ValueError(f"{source}: could not load it as a {kind}: {type(exc).__name__}: {exc}") from None
+    label = source if os.path.isfile(source) else f"{source} [{split}]"
+    return _validated_frame(data.to_pandas(), label, {user_col: "user", item_col: "item", time_col: "timestamp"},
+                            lambda row: f"{label}: row {row + 1}")
+
+
+def _validated_frame(table: pd.DataFrame, source: str, wanted: dict, where, *, from_text: bool = False) \
+        -> pd.DataFrame:
+    """``table``'s ``wanted`` columns renamed to user, item, timestamp, checked (``where(row)`` names a row in
+    errors); ``from_text``: every value is a string to parse (CSV)."""
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; columns are {list(table.columns)}")
+    table = table[list(wanted)].rename(columns=wanted).reset_index(drop=True)
     if table.empty:
-        raise ValueError(f"{path}: no interactions (only a header)")
+        raise ValueError(f"{source}: no interactions (only a header)")
     for name in ("user", "item", "timestamp"):
         column = table[name]
         empty = column.isna().to_numpy()
-        if lines is not None:
+        if from_text:
             empty = empty | (column == "").to_numpy()
         if empty.any():
             raise ValueError(f"{where(int(empty.argmax()))}: missing {name}")
-    text_timestamps = table["timestamp"].dtype == object or pd.api.types.is_string_dtype(table["timestamp"])
-    if lines is not None or text_timestamps:
-        # Text values (CSV, or a Parquet string column): parse them, naming the first bad one.
-        for name in ("user", "item"):
-            if lines is not None:
+    timestamps = table["timestamp"]
+    if from_text or timestamps.dtype == object or pd.api.types.is_string_dtype(timestamps):
+        # Text values (CSV, or a string column): parse them, naming the first bad one.
+        if from_text:
+            for name in ("user", "item"):
                 table[name] = _ids_column(table[name], where, f"{name} id")
-        table["timestamp"] = _timestamps_column(table["timestamp"].astype(str), where)
-    elif not (pd.api.types.is_numeric_dtype(table["timestamp"]) or
-              pd.api.types.is_datetime64_any_dtype(table["timestamp"])) or \
-            pd.api.types.is_bool_dtype(table["timestamp"]):
-        raise ValueError(f"{path}: timestamp column must be numeric or datetime, got {table['timestamp'].dtype}")
-    elif pd.api.types.is_float_dtype(table["timestamp"]) and not np.isfinite(table["timestamp"].to_numpy()).all():
-        row = int((~np.isfinite(table["timestamp"].to_numpy())).argmax())
-        raise ValueError(f"{where(row)}: timestamp {table['timestamp'].iloc[row]!r} is not finite")
+        table["timestamp"] = _timestamps_column(timestamps.astype(str), where)
+    elif pd.api.types.is_bool_dtype(timestamps) or not (
+            pd.api.types.is_numeric_dtype(timestamps) or pd.api.types.is_datetime64_any_dtype(timestamps)):
+        raise ValueError(f"{source}: timestamp column must be numeric or datetime, got {timestamps.dtype}")
+    elif pd.api.types.is_float_dtype(timestamps) and not np.isfinite(timestamps.to_numpy()).all():
+        row = int((~np.isfinite(timestamps.to_numpy())).argmax())
+        raise ValueError(f"{where(row)}: timestamp {timestamps.iloc[row]!r} is not finite")
     return table
 
 
