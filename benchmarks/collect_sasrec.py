@@ -18,7 +18,7 @@ import sys
 MIB = 2**20
 # argv entries every run of a study shares: left out of the table's "options" column.
 COMMON_FLAGS = {"--data", "--max-len", "--epochs", "--patience", "--seed", "--device", "--threads", "--out",
-                "--no-progress", "--loss"}
+                "--time-budget", "--no-progress", "--loss"}
 VALUELESS_FLAGS = {"--no-progress"}
 
 
