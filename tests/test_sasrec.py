@@ -43,6 +43,7 @@ from largevocab.integrations.sasrec.cli import main as cli_main
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 ML1M = os.path.join(SHARED_DATA, "rec", "ml-1m.txt")
 COLLECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "collect_sasrec.py")
+REPRO_TABLE = os.path.join(os.path.dirname(COLLECT), "sasrec_repro_table.py")
 SLICE_USERS = 64
 
 
@@ -590,6 +591,10 @@ def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
     result = json.loads(collected.read_text())
     assert result["date"] == "today" and result["rows"][0]["test"] == metrics["test"]
     assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" in collect.stdout
+    table = subprocess.run([sys.executable, REPRO_TABLE, str(collected)], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert f"| slice.txt | run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" \
+        in table.stdout and "| epoch cap 2 reached |" in table.stdout
 
 
 def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
