@@ -42,11 +42,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from largevocab._common import CEOptions  # noqa: E402
+import largevocab  # noqa: E402, F401  (registers the custom ops the variants call)
 from largevocab.ops import _launch  # noqa: E402
-from largevocab.ops.triton_ce import triton_linear_cross_entropy  # noqa: E402
-from largevocab.ops.triton_sampled import triton_sampled_cross_entropy  # noqa: E402
-from largevocab.ops.triton_sce import triton_bucket_lse  # noqa: E402
 
 WARP_SIZE = 32
 # Largest dynamic shared memory one block may opt into (CUDA programming guide, compute capabilities table).
@@ -147,7 +144,10 @@ def _ce(dtype, *, bias=False, deterministic=False, with_lse=False, **options):
     def call():
         hidden, weight, targets, valid = _inputs(dtype)
         b = torch.zeros(V, dtype=dtype, requires_grad=True) if bias else None
-        loss, lse = triton_linear_cross_entropy(hidden, weight, b, targets, valid, CEOptions(**options))
+        loss, lse, *_ = torch.ops.largevocab.linear_cross_entropy(
+            hidden, weight, b, targets, -100, "none", options.get("label_smoothing", 0.0),
+            options.get("z_loss", 0.0), options.get("softcap"), options.get("filter_eps"), "triton", [False] * 3,
+            True)
         total = loss.sum() + (lse.sum() if with_lse else 0)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic)
@@ -164,8 +164,8 @@ def _sampled(dtype, *, shared, correction, remove_hits=True):
         g = torch.Generator().manual_seed(1)
         negatives = torch.randint(0, V, (K,) if shared else (N, K), generator=g)
         corr = torch.rand(V, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        loss = triton_sampled_cross_entropy(hidden, weight, targets, valid, negatives,
-                                            corr if correction else None, remove_hits)
+        loss, _ = torch.ops.largevocab.sampled_cross_entropy(hidden, weight, targets, valid, negatives,
+                                                             corr if correction else None, remove_hits, "triton")
         loss.sum().backward()
     return call
 
@@ -176,7 +176,7 @@ def _sce(dtype):
         g = torch.Generator().manual_seed(2)
         rows = torch.randint(0, N, (8, 40), generator=g)
         cols = torch.randint(0, V, (8, 256), generator=g)
-        lse, positive = triton_bucket_lse(hidden, weight, targets, rows, cols)
+        lse, positive = torch.ops.largevocab.bucket_lse(hidden, weight, targets, rows, cols, "triton")
         (lse.sum() + positive.sum()).backward()
     return call
 

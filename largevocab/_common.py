@@ -60,6 +60,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def meta_loss(hidden: torch.Tensor, weight: torch.Tensor, reduction: str, target_shape) -> torch.Tensor:
+    """The loss's shape and dtype on the meta device, for losses whose intermediate sizes depend on tensor values
+    (SCE's buckets, in-batch negatives), which meta tensors do not have; differentiable w.r.t. both inputs."""
+    anchor = (hidden.sum() + weight.sum()).to(acc_dtype(hidden.dtype)) * 0.0
+    return anchor if reduction != "none" else anchor.expand(target_shape)
+
+
 def combine_loss(
     lse: torch.Tensor,
     target_logit: torch.Tensor,
@@ -245,5 +252,5 @@ def prepare_inputs(
     target_shape = targets.shape
     targets = shift_targets(targets, shift, ignore_index).reshape(-1)
     valid = targets != ignore_index
-    hidden = hidden.reshape(-1, dim)
+    hidden = hidden.reshape(targets.shape[0], dim)  # not (-1, D): D may be 0
     return PreparedInputs(hidden, weight, bias, targets, valid, target_shape)

@@ -13,6 +13,8 @@ product, differentiable with respect to both factors) exactly as it would feed a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,8 +72,10 @@ class FactorizedEmbedding(nn.Module):
     def reset_parameters(self, std: float = 1.0) -> None:
         """``A ~ N(0, std**2)`` (padding row zero), ``B ~ N(0, 1 / inner_dim)``: product entries have variance
         ``std**2``, like a plain table initialised with ``N(0, std**2)``."""
-        if not isinstance(std, (int, float)) or isinstance(std, bool) or not std > 0:
-            raise ValueError(f"std must be a positive number, got {std!r}")
+        if not isinstance(std, (int, float)) or isinstance(std, bool):
+            raise TypeError(f"std must be a finite float > 0, got {type(std).__name__} {std!r}")
+        if not (std > 0 and math.isfinite(std)):
+            raise ValueError(f"std must be a finite float > 0, got {std!r}")
         with torch.no_grad():
             self.A.normal_(0.0, float(std))
             self.B.normal_(0.0, self.inner_dim**-0.5)

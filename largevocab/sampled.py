@@ -7,64 +7,56 @@ removal, without materialising the N x (1 + K) sampled logits (Triton backend) o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._common import check_options, prepare_inputs
-from .cross_entropy import _autocast, _resolve_backend
-from .ops.torch_sampled import torch_sampled_cross_entropy
+from ._common import acc_dtype, check_bool, check_int_tensor, check_options, meta_loss, prepare_inputs
+from .cross_entropy import _resolve_backend
+from .ops._library import is_strict, poison, use_generator
+from .ops._library_sampled import SAMPLING_MODES, _check_counts
 
-SAMPLING_MODES = ("uniform", "popularity", "in_batch")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+# More negatives per row than this would not fit any device's memory as int64 indices (2**31 of them is 16 GiB).
+MAX_NEGATIVES = 2**31 - 1
 
 
 def _check_sampling_options(num_negatives, sampling, shared_negatives, logq_correction, remove_accidental_hits,
                             generator) -> None:
     """Validate the scalar options of the sampled loss; raises ``ValueError``/``TypeError`` naming the value."""
-    if sampling not in SAMPLING_MODES:
+    if not isinstance(sampling, str) or sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if num_negatives is not None:
         if isinstance(num_negatives, bool) or not isinstance(num_negatives, int):
             raise TypeError(f"num_negatives must be None or an int, got {type(num_negatives).__name__}")
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-    _check_bool("shared_negatives", shared_negatives)
-    _check_bool("logq_correction", logq_correction)
-    _check_bool("remove_accidental_hits", remove_accidental_hits)
+        if not 1 <= num_negatives <= MAX_NEGATIVES:
+            raise ValueError(f"num_negatives must be in [1, {MAX_NEGATIVES}], got {num_negatives}")
+    check_bool("shared_negatives", shared_negatives)
+    check_bool("logq_correction", logq_correction)
+    check_bool("remove_accidental_hits", remove_accidental_hits)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
-def _check_item_counts(item_counts, vocab: int | None) -> torch.Tensor:
-    """``item_counts`` as a float64 tensor after checking shape, dtype and values (one host sync)."""
+def _check_item_counts(item_counts, vocab: int | None, device=None) -> torch.Tensor:
+    """``item_counts`` after checking type, shape and device; its values are checked where it is used, inside the
+    ops (finite, >= 0, not all zero)."""
     if not isinstance(item_counts, torch.Tensor):
         raise TypeError(f"item_counts must be a torch.Tensor, got {type(item_counts).__name__}")
+    if item_counts.layout != torch.strided:
+        raise TypeError(f"item_counts must be a dense tensor, got layout {item_counts.layout}")
     if item_counts.dtype.is_complex or item_counts.dtype == torch.bool:
         raise TypeError(f"item_counts must be a real (integer or float) tensor, got {item_counts.dtype}")
     if item_counts.dim() != 1 or (vocab is not None and item_counts.shape[0] != vocab):
         want = f"(V,) = ({vocab},)" if vocab is not None else "(V,)"
         raise ValueError(f"item_counts must have shape {want}, got {tuple(item_counts.shape)}")
-    counts = item_counts.to(torch.float64)
-    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
-        bad = counts[~torch.isfinite(counts) | (counts < 0)][0].item()
-        raise ValueError(f"item_counts must be finite and >= 0, found {bad}")
-    if not bool((counts > 0).any()):
-        raise ValueError("item_counts are all zero: at least one item must have a positive count")
-    return counts
+    if device is not None and item_counts.device != device:
+        raise ValueError(f"item_counts ({item_counts.device}) must be on the device of hidden ({device})")
+    return item_counts
 
 
-def _check_negatives(negatives, n_rows: int, target_shape, vocab: int, device, shared_negatives: bool,
+def _check_negatives(negatives, n_rows: int, target_shape, device, shared_negatives: bool,
                      num_negatives: int | None) -> torch.Tensor:
-    """Explicit negatives as int64, (N, K) per row or (K,) shared, after shape, dtype and range checks."""
-    if not isinstance(negatives, torch.Tensor):
-        raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
-    if negatives.dtype.is_floating_point or negatives.dtype.is_complex or negatives.dtype == torch.bool:
-        raise TypeError(f"negatives must be an integer tensor, got {negatives.dtype}")
+    """Explicit negatives as int64, (N, K) per row or (K,) shared, after type, shape and device checks (their
+    range is checked inside the ops)."""
+    check_int_tensor("negatives", negatives)
     if negatives.device != device:
         raise ValueError(f"negatives ({negatives.device}) must be on the device of hidden ({device})")
     shape = tuple(negatives.shape)
@@ -82,33 +74,26 @@ def _check_negatives(negatives, n_rows: int, target_shape, vocab: int, device, s
     if num_negatives is not None and num_negatives != k:
         raise ValueError(f"num_negatives={num_negatives} disagrees with negatives of shape {shape} (K = {k})")
     negatives = negatives.reshape(-1, k) if per_row else negatives
-    negatives = negatives.long()
-    bad = (negatives < 0) | (negatives >= vocab)
-    # One host sync: an out-of-range index would otherwise read out of bounds inside the kernels.
-    if bool(bad.any()):
-        raise ValueError(f"negatives must be in [0, V={vocab}); found {negatives[bad][0].item()}")
-    return negatives.contiguous()
+    return negatives.long().contiguous()
 
 
-def _draw(targets, valid, vocab, num_negatives, sampling, shared, counts, generator, device) -> torch.Tensor:
-    """Sampled negatives (N, K) or (K,), int64 on ``device``; options already validated."""
+def _check_sampling_needs(num_negatives, sampling, item_counts, vocab) -> None:
+    """What sampling (no explicit negatives) needs: K for uniform/popularity, counts for popularity only."""
     if sampling == "in_batch":
-        return targets[valid].contiguous()
-    size = (num_negatives,) if shared else (targets.shape[0], num_negatives)
-    # Sample where the generator lives (a CPU generator also drives CUDA inputs, reproducibly), then move.
-    sample_device = generator.device if generator is not None else device
-    if sampling == "uniform":
-        out = torch.randint(0, vocab, size, generator=generator, device=sample_device)
-    else:
-        # Inverse-CDF sampling (torch.multinomial caps the number of categories at 2**24). A zero-count item has
-        # cdf[i] == cdf[i - 1], so searchsorted(right=True) never lands on it; the clamp guards the one case
-        # u * total == total that rounding can produce.
-        counts = counts.to(sample_device)
-        cdf = torch.cumsum(counts, dim=0)
-        u = torch.rand(size, generator=generator, device=sample_device, dtype=torch.float64) * cdf[-1]
-        last_positive = int(torch.nonzero(counts > 0)[-1])
-        out = torch.searchsorted(cdf, u, right=True).clamp_(max=last_positive)
-    return out.to(device)
+        if num_negatives is not None:
+            raise ValueError(
+                f"num_negatives must be None with sampling='in_batch' (K is the number of non-ignored targets), "
+                f"got {num_negatives}"
+            )
+    elif num_negatives is None:
+        raise ValueError(f"sampling={sampling!r} needs num_negatives (or explicit negatives=)")
+    if sampling == "popularity":
+        if item_counts is None:
+            raise ValueError("sampling='popularity' needs item_counts (V,)")
+    elif item_counts is not None:
+        raise ValueError(
+            f"item_counts is only used with sampling='popularity' or explicit negatives, not sampling={sampling!r}"
+        )
 
 
 def sample_negatives(
@@ -124,53 +109,26 @@ def sample_negatives(
 ) -> torch.Tensor:
     """The negatives :func:`sampled_cross_entropy` draws for these options and ``generator`` state.
 
-    Returns int64 indices on ``targets``' device: (N, K) per row or (K,) shared (N = ``targets.numel()``), for
-    ``"in_batch"`` the non-ignored targets in order. Passing them back as ``negatives=`` (with ``item_counts``
-    set to the sampling distribution) gives the same loss as sampling inside the loss.
+    ``targets`` (...) integer in [0, ``num_items``) or ``ignore_index``. Returns int64 indices on ``targets``'
+    device: (N, K) per row or (K,) shared (N = ``targets.numel()``), for ``"in_batch"`` the non-ignored targets in
+    order. Passing them back as ``negatives=`` (with ``item_counts`` set to the sampling distribution) gives the
+    same loss as sampling inside the loss. Torch equivalent (uniform): ``torch.randint(0, num_items, (N, K))``.
     """
     _check_sampling_options(num_negatives, sampling, shared_negatives, True, True, generator)
     if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
         raise ValueError(f"num_items must be an int >= 1, got {num_items!r}")
-    counts = _check_sampling_needs(num_negatives, sampling, item_counts, num_items)
-    flat = targets.reshape(-1).long()
-    return _draw(flat, flat != ignore_index, num_items, num_negatives, sampling,
-                 shared_negatives or sampling == "in_batch", counts, generator, targets.device)
-
-
-def _check_sampling_needs(num_negatives, sampling, item_counts, vocab) -> torch.Tensor | None:
-    """What sampling (no explicit negatives) needs: K for uniform/popularity, counts for popularity only."""
-    if sampling == "in_batch":
-        if num_negatives is not None:
-            raise ValueError(
-                f"num_negatives must be None with sampling='in_batch' (K is the number of non-ignored targets), "
-                f"got {num_negatives}"
-            )
-    elif num_negatives is None:
-        raise ValueError(f"sampling={sampling!r} needs num_negatives (or explicit negatives=)")
-    if sampling == "popularity":
-        if item_counts is None:
-            raise ValueError("sampling='popularity' needs item_counts (V,)")
-        return _check_item_counts(item_counts, vocab)
+    check_int_tensor("targets", targets)
+    check_options(ignore_index=ignore_index, reduction="none", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                  shift=0, backend="auto")
+    _check_sampling_needs(num_negatives, sampling, item_counts, num_items)
     if item_counts is not None:
-        raise ValueError(
-            f"item_counts is only used with sampling='popularity' or explicit negatives, not sampling={sampling!r}"
+        _check_item_counts(item_counts, num_items, targets.device)
+    with use_generator(generator):
+        negatives, *_ = torch.ops.largevocab.draw_negatives(
+            targets.reshape(-1).long(), ignore_index, num_items, num_negatives, sampling,
+            shared_negatives or sampling == "in_batch", item_counts, None, False, is_strict(),
         )
-    return None
-
-
-def _log_kq(k: int, vocab: int, sampling: str, counts, targets, valid, acc, device) -> torch.Tensor:
-    """Per-item correction table (V,): ``log(K * q(item))`` in the accumulation dtype."""
-    if sampling == "in_batch":
-        # q(i) = count of i among the K non-ignored targets / K, so K q(i) is that count; items absent from the
-        # batch are never negatives (their entry, 0, is unused).
-        counts = torch.bincount(targets[valid], minlength=vocab).to(torch.float64)
-        return torch.where(counts > 0, counts.log(), torch.zeros_like(counts)).to(acc)
-    if counts is None:  # uniform: q(i) = 1 / V for every item, one value broadcast (stride 0) over V
-        return torch.full((1,), math.log(k) - math.log(vocab), dtype=acc, device=device).expand(vocab)
-    counts = counts.to(device)
-    log_q = counts.log() - counts.sum().log()
-    # Zero-count items are never sampled (and rejected as explicit negatives); 0 keeps the table finite.
-    return torch.where(counts > 0, math.log(k) + log_q, torch.zeros_like(log_q)).to(acc)
+    return negatives
 
 
 def sampled_cross_entropy(
@@ -254,50 +212,36 @@ def sampled_cross_entropy(
     _check_sampling_options(num_negatives, sampling, shared_negatives, logq_correction, remove_accidental_hits,
                             generator)
     inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0)
-    h, w, _ = _autocast(inputs.hidden, inputs.weight, None)
+    h, w = inputs.hidden, inputs.weight
     n_rows, vocab = h.shape[0], w.shape[0]
-    valid = inputs.valid
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if item_counts is not None:
+        _check_item_counts(item_counts, vocab, h.device)
     if negatives is not None:
-        negs = _check_negatives(negatives, n_rows, inputs.target_shape, vocab, h.device, shared_negatives,
-                                num_negatives)
-        counts = _check_item_counts(item_counts, vocab) if item_counts is not None else None
-        if counts is not None and logq_correction:
-            zero = counts.to(h.device)[negs] == 0
-            if bool(zero.any()):
-                raise ValueError(
-                    f"negative item {negs[zero][0].item()} has item_counts 0: its logQ correction log(K q) is -inf"
-                )
-        mode = "explicit"
+        explicit = _check_negatives(negatives, n_rows, inputs.target_shape, h.device, shared_negatives, num_negatives)
+        shared = explicit.dim() == 1
     else:
-        counts = _check_sampling_needs(num_negatives, sampling, item_counts, vocab)
+        explicit = None
+        _check_sampling_needs(num_negatives, sampling, item_counts, vocab)
         shared = shared_negatives or sampling == "in_batch"
-        negs = _draw(inputs.targets, valid, vocab, num_negatives, sampling, shared, counts, generator, h.device)
-        mode = sampling
-    if n_rows == 0:
-        # Keep the graph connected so backward yields zero gradients of the right shapes.
-        loss = (h.sum() * 0.0 + w.sum() * 0.0).to(acc)
-        return loss if reduction != "none" else h.new_zeros(inputs.target_shape, dtype=acc)
-    correction = None
-    if logq_correction:
-        correction = _log_kq(negs.shape[-1], vocab, mode, counts, inputs.targets, valid, acc, h.device)
-    # Ignored rows may hold any ignore_index; index 0 keeps every gather in range (their loss and gradient are 0).
-    safe_targets = torch.where(valid, inputs.targets, torch.zeros_like(inputs.targets))
+    if h.device.type == "meta" and explicit is None and sampling == "in_batch":
+        return meta_loss(h, w, reduction, inputs.target_shape)
+    with use_generator(generator):
+        negs, log_kq, safe, valid, bad = torch.ops.largevocab.draw_negatives(
+            inputs.targets, ignore_index, vocab, num_negatives, sampling, shared, item_counts, explicit,
+            logq_correction, is_strict(),
+        )
+    # A uniform q is one value for every item: a (1,) table viewed as (V,) with stride 0.
+    correction = log_kq.to(acc_dtype(h.dtype)).expand(vocab) if logq_correction else None
     resolved = _resolve_backend(backend, h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        if resolved == "triton":
-            from .ops.triton_sampled import triton_sampled_cross_entropy
-
-            loss = triton_sampled_cross_entropy(h, w, safe_targets, valid, negs, correction, remove_accidental_hits)
-        else:
-            loss = torch_sampled_cross_entropy(h, w, safe_targets, valid, negs, correction, remove_accidental_hits)
+    loss, _ = torch.ops.largevocab.sampled_cross_entropy(h, w, safe, valid, negs, correction,
+                                                         remove_accidental_hits, resolved)
     if reduction == "none":
-        return loss.reshape(inputs.target_shape)
+        return poison(loss, bad, per_row=True).reshape(inputs.target_shape)
     total = loss.sum()
-    if reduction == "sum":
-        return total
-    # Mean over non-ignored rows; 0 (with zero gradients) when all are ignored, instead of torch's NaN.
-    return total / valid.sum().clamp(min=1).to(total.dtype)
+    if reduction == "mean":
+        # Mean over non-ignored rows; 0 (with zero gradients) when all are ignored, instead of torch's NaN.
+        total = total / valid.sum().clamp(min=1).to(total.dtype)
+    return poison(total, bad, per_row=False)
 
 
 class SampledCrossEntropyLoss(torch.nn.Module):
@@ -331,9 +275,9 @@ class SampledCrossEntropyLoss(torch.nn.Module):
         _check_sampling_options(num_negatives, sampling, shared_negatives, logq_correction, remove_accidental_hits,
                                 generator)
         if item_counts is not None:
-            _check_item_counts(item_counts, None)
-        if negatives is not None and not isinstance(negatives, torch.Tensor):
-            raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
+            _check_counts(_check_item_counts(item_counts, None), strict=True)  # construction is not a hot path
+        if negatives is not None:
+            check_int_tensor("negatives", negatives)
         self.register_buffer("negatives", negatives, persistent=False)
         self.register_buffer("item_counts", item_counts, persistent=False)
         self.generator = generator

@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from ._common import check_options, prepare_inputs
+from ._common import check_options, meta_loss, prepare_inputs
 from .cross_entropy import _resolve_backend
-from .ops.torch_sce import torch_bucket_lse
+from .ops._library import is_strict, poison, use_generator
 
 # Paper/reference defaults: n_buckets = bucket_size_x = int(2 * sqrt(rows)).
 BUCKETS_PER_SQRT_ROW = 2.0
@@ -83,31 +83,51 @@ def select_items(weight: torch.Tensor, buckets: torch.Tensor, bucket_size_y: int
     return best_items
 
 
+def select_buckets(hidden, weight, valid, n_buckets, bucket_size_x, bucket_size_y, mix_x, generator):
+    """Bucket rows (G, b_x) and items (G, b_y) of one SCE call (runs inside ``largevocab::sce_select``).
+
+    Sizes: ``n_buckets`` and ``bucket_size_x`` default to ``int(2 * sqrt(m))`` for m non-ignored rows (one host
+    read of m); ``b_x <= m`` and ``b_y <= V``. With m = 0 there are no rows to choose (b_x = 0).
+    """
+    n_valid = int(valid.sum())
+    default = max(1, int(BUCKETS_PER_SQRT_ROW * math.sqrt(n_valid)))
+    b_x = min(bucket_size_x or default, n_valid)
+    b_y = min(bucket_size_y, weight.shape[0])
+    buckets = bucket_vectors(hidden, valid, n_buckets or default, mix_x, generator)
+    return select_rows(hidden, valid, buckets, b_x), select_items(weight, buckets, b_y)
+
+
 def sce_from_selection(hidden, weight, targets, valid, rows, cols, *, reduction: str, backend: str):
     """SCE given the buckets' rows (n_b, b_x) and items (n_b, b_y); returns (reduced loss, per-row loss (N,)).
 
     Per bucket and row: ``CE = logsumexp([z+, z_negatives]) - z+`` where the negatives are the bucket's items other
     than the row's target; a row's loss is the max over the buckets that chose it, 0 for rows no bucket chose.
+    ``targets`` must be in [0, V) at every row (ignored rows are never chosen).
     """
-    if backend == "triton":
-        from .ops.triton_sce import triton_bucket_lse
-
-        lse_negatives, positive = triton_bucket_lse(hidden, weight, targets, rows, cols)
-    else:
-        lse_negatives, positive = torch_bucket_lse(hidden, weight, targets, rows, cols)
+    lse_negatives, positive = torch.ops.largevocab.bucket_lse(hidden, weight, targets, rows, cols, backend)
     chosen_positive = positive[rows]
     bucket_ce = torch.logaddexp(lse_negatives, chosen_positive) - chosen_positive
     flat_rows = rows.reshape(-1)
     row_loss = bucket_ce.new_zeros(hidden.shape[0]).scatter_reduce(
         0, flat_rows, bucket_ce.reshape(-1), "amax", include_self=False
     )
-    covered = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device).index_fill_(0, flat_rows, True)
     if reduction == "none":
         return row_loss, row_loss
     total = row_loss.sum()
     if reduction == "sum":
         return total, row_loss
+    covered = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device).index_fill_(0, flat_rows, True)
     return total / covered.sum().clamp(min=1).to(total.dtype), row_loss
+
+
+def _check_sce_options(n_buckets, bucket_size_x, bucket_size_y, mix_x, generator) -> None:
+    _check_size("n_buckets", n_buckets)
+    _check_size("bucket_size_x", bucket_size_x)
+    _check_size("bucket_size_y", bucket_size_y, allow_none=False)
+    if not isinstance(mix_x, bool):
+        raise TypeError(f"mix_x must be a bool, got {type(mix_x).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def scalable_cross_entropy(
@@ -138,8 +158,9 @@ def scalable_cross_entropy(
        ``targets``, 0 for ignored or unchosen rows.
 
     Defaults: ``n_buckets = bucket_size_x = int(2 * sqrt(m))`` (the reference grid), ``bucket_size_y = 256``.
-    Sizes larger than what exists are clamped: ``bucket_size_x <= m``, ``bucket_size_y <= V``. With one bucket
-    covering every row and item, this is exactly ``F.cross_entropy(hidden @ weight.T, targets)``.
+    Sizes larger than what exists are clamped: ``bucket_size_x <= m``, ``bucket_size_y <= V``; ``n_buckets`` may
+    not exceed the number of rows N. With one bucket covering every row and item, this is exactly
+    ``F.cross_entropy(hidden @ weight.T, targets)``.
 
     Torch equivalent (materialising, for given bucket indices ``rows`` (n_b, b_x) and ``cols`` (n_b, b_y))::
 
@@ -148,34 +169,31 @@ def scalable_cross_entropy(
         ce = torch.cat([pos[..., None], logits], -1).logsumexp(-1) - pos
         loss_per_row = zeros(N).scatter_reduce(0, rows.flatten(), ce.flatten(), "amax", include_self=False)
 
-    ``generator`` (on ``hidden``'s device) makes the bucket draw reproducible. ``backend``: ``"triton"`` (fused
-    gather kernel), ``"torch"`` (chunked over buckets), ``"auto"``. The loss is float32 (float64 for float64 inputs).
+    ``generator`` (on ``hidden``'s device) makes the bucket draw reproducible; ``None`` draws from the global
+    generator (the only choice under ``torch.compile``, where results equal eager ones for the same seed).
+    ``backend``: ``"triton"`` (fused gather kernel), ``"torch"`` (chunked over buckets), ``"auto"``. The loss is
+    float32 (float64 for float64 inputs). Under ``torch.autocast`` the inputs are cast as ``F.linear`` would.
+    The number of non-ignored rows is read on the host once per call (the default sizes depend on it).
     """
     check_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None,
                   shift=0, backend=backend)
-    _check_size("n_buckets", n_buckets)
-    _check_size("bucket_size_x", bucket_size_x)
-    _check_size("bucket_size_y", bucket_size_y, allow_none=False)
-    if not isinstance(mix_x, bool):
-        raise TypeError(f"mix_x must be a bool, got {type(mix_x).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_sce_options(n_buckets, bucket_size_x, bucket_size_y, mix_x, generator)
     inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0)
     h, w = inputs.hidden, inputs.weight
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    n_valid = int(inputs.valid.sum())  # one host sync: bucket sizes depend on it
-    if n_valid == 0:
-        zero = (h.sum() * 0.0 + w.sum() * 0.0).to(acc)
-        return h.new_zeros(inputs.target_shape, dtype=acc) + zero if reduction == "none" else zero
-    default = max(1, int(BUCKETS_PER_SQRT_ROW * math.sqrt(n_valid)))
-    b_x = min(bucket_size_x or default, n_valid)
-    b_y = min(bucket_size_y, w.shape[0])
-    buckets = bucket_vectors(h, inputs.valid, n_buckets or default, mix_x, generator)
-    rows = select_rows(h, inputs.valid, buckets, b_x)
-    cols = select_items(w, buckets, b_y)
-    loss, per_row = sce_from_selection(h, w, inputs.targets, inputs.valid, rows, cols, reduction=reduction,
-                                       backend=_resolve_backend(backend, h.device))
-    return per_row.reshape(inputs.target_shape) if reduction == "none" else loss
+    if n_buckets is not None and n_buckets > max(1, h.shape[0]):
+        raise ValueError(f"n_buckets must be <= the number of rows N = {h.shape[0]}, got {n_buckets}")
+    if h.device.type == "meta":
+        return meta_loss(h, w, reduction, inputs.target_shape)
+    resolved = _resolve_backend(backend, h.device)
+    with use_generator(generator):
+        rows, cols, safe, valid, bad = torch.ops.largevocab.sce_select(
+            h.detach(), w.detach(), inputs.targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x,
+            is_strict(),
+        )
+    loss, per_row = sce_from_selection(h, w, safe, valid, rows, cols, reduction=reduction, backend=resolved)
+    if reduction == "none":
+        return poison(per_row, bad, per_row=True).reshape(inputs.target_shape)
+    return poison(loss, bad, per_row=False)
 
 
 class ScalableCrossEntropyLoss(torch.nn.Module):
@@ -199,9 +217,7 @@ class ScalableCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         check_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=0.0, z_loss=0.0,
                       softcap=None, shift=0, backend=backend)
-        for name, value in (("n_buckets", n_buckets), ("bucket_size_x", bucket_size_x)):
-            _check_size(name, value)
-        _check_size("bucket_size_y", bucket_size_y, allow_none=False)
+        _check_sce_options(n_buckets, bucket_size_x, bucket_size_y, mix_x, generator)
         self.options = dict(n_buckets=n_buckets, bucket_size_x=bucket_size_x, bucket_size_y=bucket_size_y,
                             mix_x=mix_x, ignore_index=ignore_index, reduction=reduction, generator=generator,
                             backend=backend)

@@ -115,12 +115,13 @@ def test_nan_propagates_like_torch(backend):
 
 
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
-    import largevocab.cross_entropy as ce
+    from largevocab.ops import torch_ce, triton_ce
 
     hidden, weight, targets = small()
     calls = []
-    real = ce.torch_linear_cross_entropy
-    monkeypatch.setattr(ce, "torch_linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch_ce.forward
+    monkeypatch.setattr(torch_ce, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(triton_ce, "forward", lambda *a, **k: pytest.fail("auto chose triton on the CPU"))
     lv.linear_cross_entropy(hidden, weight, targets)
     assert calls == [1]
 

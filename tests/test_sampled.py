@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from largevocab.ops import triton_sampled
-from largevocab.ops.torch_sampled import torch_sampled_cross_entropy
+from largevocab.ops import torch_sampled, triton_sampled
 from largevocab.sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
 
 BACKENDS = ["torch", "triton"]
@@ -223,13 +222,17 @@ def test_gradient_of_one_input_only(backend, layout):
 def test_torch_backend_chunking_is_invisible():
     for layout in LAYOUTS:
         hidden, weight, targets, negatives = make_inputs(layout, n=40, k=30)
+        h, w = hidden.detach(), weight.detach()
         valid = targets != IGNORE
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         correction = torch.randn(weight.shape[0], dtype=torch.float64)
+        upstream = torch.rand(targets.shape, dtype=torch.float64)
         outs = []
         for chunk in (1, 7, 1000):
-            loss = torch_sampled_cross_entropy(hidden, weight, safe, valid, negatives, correction, True, chunk)
-            outs.append((loss.detach(), torch.autograd.grad(loss.sum(), (hidden, weight))))
+            loss, lse = torch_sampled.forward(h, w, safe, valid, negatives, correction, True, chunk)
+            grads = torch_sampled.backward(h, w, safe, valid, negatives, correction, True, lse, upstream,
+                                           (True, True), chunk)
+            outs.append((loss, grads))
         for other in outs[1:]:
             assert_close_all(other, outs[0], rtol=1e-12, atol=1e-13)
 
@@ -358,12 +361,11 @@ def test_autocast_casts_like_f_linear():
 
 
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
-    import largevocab.sampled as sampled
-
     hidden, weight, targets, negatives = make_inputs("rows", n=10, k=5)
     calls = []
-    real = sampled.torch_sampled_cross_entropy
-    monkeypatch.setattr(sampled, "torch_sampled_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch_sampled.forward
+    monkeypatch.setattr(torch_sampled, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(triton_sampled, "forward", lambda *a, **k: pytest.fail("auto chose triton on the CPU"))
     sampled_cross_entropy(hidden, weight, targets, negatives=negatives)
     assert calls == [1]
 

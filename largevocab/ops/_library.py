@@ -231,7 +231,8 @@ def linear_cross_entropy_op(
     else:
         loss, lse, *_ = torch_ce.forward(hidden, weight, bias, safe, valid, opts)
     loss = _reduce(poison(loss, bad, per_row=True), valid, reduction)
-    dh, dw, db = (t if t is not None else _empty_like_rows(ref) for t, ref in zip(grads, (hidden, weight, weight)))
+    dh, dw, db = (t if t is not None else _empty_like_rows(ref)
+                  for t, ref in zip(grads, (hidden, weight, weight), strict=True))
     return loss, lse, dh, dw, db
 
 
@@ -260,11 +261,12 @@ def _ce_backward(ctx, g_loss, g_lse, *_):
         return (None,) * 13
     if precomputed and g_lse is None:
         # The forward already applied the backward GEMMs for a unit upstream gradient of the scalar loss.
-        scaled = [t * g_loss.to(t.dtype) if need else None for t, need in zip((dh, dw, db), needs)]
+        scaled = [t * g_loss.to(t.dtype) if need else None for t, need in zip((dh, dw, db), needs, strict=True)]
         return (*scaled, *(None,) * 10)
     if hidden.device.type == "meta":
-        grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else None)
-        return (*(t if need else None for t, need in zip(grads, needs)), *(None,) * 10)
+        grads = (torch.empty_like(hidden), torch.empty_like(weight),
+                 torch.empty_like(bias) if bias is not None else None)
+        return (*(t if need else None for t, need in zip(grads, needs, strict=True)), *(None,) * 10)
     safe, valid, bad = rechecked_targets(targets, weight.shape[0], ignore_index)
     g = _token_grad(g_loss, valid, reduction)
     if g is not None:
@@ -280,3 +282,84 @@ def _ce_backward(ctx, g_loss, g_lse, *_):
 
 
 linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# ------------------------------------------------------------------------------------ Scalable Cross-Entropy
+
+
+@torch.library.custom_op(f"{LIBRARY}::sce_select", mutates_args=())
+def sce_select_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_buckets: int | None,
+    bucket_size_x: int | None, bucket_size_y: int, mix_x: bool, strict: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, safe_targets, valid, bad)``: SCE's bucket rows (G, b_x) and items (G, b_y), with the sizes
+    that depend on the number of non-ignored rows resolved here (see ``largevocab.scalable``)."""
+    from ..scalable import select_buckets
+
+    safe, valid, bad = check_targets(targets, weight.shape[0], ignore_index, strict)
+    rows, cols = select_buckets(hidden, weight, valid, n_buckets, bucket_size_x, bucket_size_y, mix_x,
+                                current_generator())
+    return rows, cols, safe, valid, bad if bad is not None else torch.zeros_like(valid)
+
+
+@sce_select_op.register_fake
+def _(hidden, weight, targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x, strict):
+    ctx = torch.library.get_ctx()
+    # The default number of buckets and every b_x depend on how many rows are not ignored: unbacked sizes.
+    n_b = n_buckets if n_buckets is not None else ctx.new_dynamic_size()
+    b_x = ctx.new_dynamic_size()
+    b_y = min(bucket_size_y, weight.shape[0])
+    index = dict(dtype=torch.long, device=hidden.device)
+    n = targets.shape[0]
+    flags = dict(dtype=torch.bool, device=hidden.device)
+    return (torch.empty((n_b, b_x), **index), torch.empty((n_b, b_y), **index), torch.empty((n,), **index),
+            torch.empty((n,), **flags), torch.empty((n,), **flags))
+
+
+def _sce_backend(backend: str, rows: torch.Tensor, cols: torch.Tensor, hidden: torch.Tensor):
+    return "torch" if backend == "triton" and (rows.numel() == 0 or cols.numel() == 0 or hidden.shape[1] == 0) \
+        else backend
+
+
+def _sce_module(backend: str):
+    if backend == "triton":
+        from . import triton_sce
+
+        return triton_sce
+    from . import torch_sce
+
+    return torch_sce
+
+
+@torch.library.custom_op(f"{LIBRARY}::bucket_lse", mutates_args=())
+def bucket_lse_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse (G, R), positive (N,))`` of ``largevocab.ops.torch_sce.forward``."""
+    return _sce_module(_sce_backend(backend, rows, cols, hidden)).forward(hidden, weight, targets, rows, cols)
+
+
+@bucket_lse_op.register_fake
+def _(hidden, weight, targets, rows, cols, backend):
+    acc = acc_dtype(hidden.dtype)
+    return hidden.new_empty(rows.shape, dtype=acc), hidden.new_empty(targets.shape, dtype=acc)
+
+
+def _bucket_lse_setup_context(ctx, inputs, output):
+    hidden, weight, targets, rows, cols, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, rows, cols, output[0])
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+def _bucket_lse_backward(ctx, grad_lse, grad_positive):
+    hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:2])
+    if hidden.device.type == "meta":
+        grads = (torch.empty_like(hidden), torch.empty_like(weight))
+        return (*(t if need else None for t, need in zip(grads, needs, strict=True)), None, None, None, None)
+    module = _sce_module(_sce_backend(ctx.backend, rows, cols, hidden))
+    dh, dw = module.backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, needs)
+    return dh, dw, None, None, None, None
+
+
+bucket_lse_op.register_autograd(_bucket_lse_backward, setup_context=_bucket_lse_setup_context)

@@ -3,9 +3,10 @@
 For G buckets, each pairing R rows of ``hidden`` with C rows (items) of ``weight`` by index, it computes
 ``lse[g, r] = logsumexp_c(<hidden[rows[g, r]], weight[cols[g, c]]>)`` over the items that are not that row's
 target (those are masked to -inf, so a row whose every candidate is its target gets -inf), and every row's
-positive logit ``<hidden[n], weight[targets[n]]>``. Both come from one autograd node so that backward builds a
-single (V, D) gradient buffer (two nodes would each materialise one, and autograd would add them). Peak extra
-memory is O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C at once.
+positive logit ``<hidden[n], weight[targets[n]]>``. Both come from one op (``largevocab::bucket_lse``) so that
+backward builds a single (V, D) gradient buffer (two would each materialise one, and autograd would add them).
+Peak extra memory is O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C
+at once; backward recomputes the logits.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def _bucket_logits(hidden, weight, targets, rows, cols):
 
 
 def positive_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``<hidden[n], weight[targets[n]]>`` (N,) in the accumulation dtype; rows with a negative target use item 0."""
+    """``<hidden[n], weight[targets[n]]>`` (N,) in the accumulation dtype; ``targets`` must be in [0, V)."""
     acc = _acc_dtype(hidden.dtype)
-    return (hidden.to(acc) * weight[targets.clamp(min=0)].to(acc)).sum(dim=-1)
+    return (hidden.to(acc) * weight[targets].to(acc)).sum(dim=-1)
 
 
 def add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive) -> None:
     """Accumulate the gradient of :func:`positive_logits` into the float32/float64 buffers (None = not needed)."""
-    items = targets.clamp(min=0)
+    items = targets
     g = grad_positive.unsqueeze(1)
     if grad_h is not None:
         grad_h.add_(g * weight[items].to(grad_h.dtype))
@@ -48,65 +49,52 @@ def add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive) ->
         grad_w.index_add_(0, items, g * hidden.to(grad_w.dtype))
 
 
-class _ChunkedBucketLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, cols, chunk):
-        lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+def _chunk_buckets(rows: torch.Tensor, cols: torch.Tensor, chunk_buckets: int | None) -> int:
+    return chunk_buckets or max(1, CHUNK_ELEMENTS // max(1, rows.shape[1] * cols.shape[1]))
+
+
+def forward(hidden, weight, targets, rows, cols, chunk_buckets: int | None = None):
+    """``(lse, positive)``: ``lse`` (G, R) over each bucket's items with targets masked, and ``positive`` (N,).
+
+    ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,) in [0, V), ``rows`` (G, R) and ``cols`` (G, C) int64
+    indices. Torch equivalent: ``(hidden[rows] @ weight[cols].mT).masked_fill(cols[:, None] ==
+    targets[rows][..., None], -inf).logsumexp(-1)`` and ``(hidden * weight[targets]).sum(-1)``, computed
+    ``chunk_buckets`` buckets at a time.
+    """
+    chunk = _chunk_buckets(rows, cols, chunk_buckets)
+    lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    for start in range(0, rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        logits, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
+        lse[part] = torch.logsumexp(logits, dim=-1)
+    return lse, positive_logits(hidden, weight, targets)
+
+
+def backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, needs,
+             chunk_buckets: int | None = None):
+    """``(dh, dw)`` in the input dtypes (None where not needed) for upstream gradients of ``lse`` and ``positive``
+    (either may be None), recomputing the bucket logits chunk by chunk. Both come from one pass so that a single
+    (V, D) buffer is built."""
+    need_h, need_w = needs
+    acc = lse.dtype
+    grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    if grad_positive is not None:
+        add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive.to(acc))
+    if grad_lse is not None:
+        chunk = _chunk_buckets(rows, cols, chunk_buckets)
         for start in range(0, rows.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
-            lse[part] = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
-        ctx.chunk = chunk
-        ctx.set_materialize_grads(False)
-        return lse, positive_logits(hidden, weight, targets)
-
-    @staticmethod
-    def backward(ctx, grad_lse, grad_positive):
-        hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        acc = lse.dtype
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        if grad_positive is not None:
-            add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive.to(acc))
-        if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
-        for start in range(0, rows.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
             logits, xg, wg = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
-            # A bucket row with every candidate masked has lse = -inf and no gradient (not NaN).
-            finite = torch.isfinite(lse[part]).unsqueeze(-1)
-            shift = torch.where(finite, lse[part].unsqueeze(-1), torch.zeros_like(logits[..., :1]))
-            ds = logits.sub_(shift).exp_().mul_(grad_lse[part].unsqueeze(-1).to(acc) * finite)
+            # A bucket row with every candidate masked has lse = -inf and no gradient (not NaN). A +inf logit
+            # gives lse = +inf and, as torch.logsumexp's gradient, NaN at that entry and 0 elsewhere.
+            live = (lse[part] > float("-inf")).unsqueeze(-1)
+            shift = torch.where(live, lse[part].unsqueeze(-1), torch.zeros_like(logits[..., :1]))
+            ds = logits.sub_(shift).exp_().mul_(grad_lse[part].unsqueeze(-1).to(acc) * live)
             if need_h:
                 dx = torch.bmm(ds, wg.to(acc))
                 grad_h.index_add_(0, rows[part].reshape(-1), dx.reshape(-1, hidden.shape[1]))
             if need_w:
                 dw = torch.bmm(ds.transpose(1, 2), xg.to(acc))
                 grad_w.index_add_(0, cols[part].reshape(-1), dw.reshape(-1, weight.shape[1]))
-        return (
-            grad_h.to(hidden.dtype) if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
-            None, None, None, None,
-        )
-
-
-def torch_bucket_lse(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    chunk_buckets: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse, positive)``: ``lse`` (G, R) over each bucket's items with targets masked, and ``positive`` (N,).
-
-    ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,), ``rows`` (G, R) and ``cols`` (G, C) int64 indices.
-    Torch equivalent: ``(hidden[rows] @ weight[cols].mT).masked_fill(cols[:, None] == targets[rows][..., None],
-    -inf).logsumexp(-1)`` and ``(hidden * weight[targets]).sum(-1)``, computed ``chunk_buckets`` buckets at a time
-    and recomputed in backward.
-    """
-    if chunk_buckets is None:
-        chunk_buckets = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1] * cols.shape[1]))
-    return _ChunkedBucketLSE.apply(hidden, weight, targets, rows, cols, chunk_buckets)
+    return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)

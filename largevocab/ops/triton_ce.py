@@ -198,11 +198,13 @@ def _grad_tile(
     live = (offs_v < V)[None, :] & mask_n[:, None]
     p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
     onehot = offs_v[None, :] == tgt[:, None]
-    delta = a[:, None] * p - tl.where(onehot, one_minus_eps, 0.0) - eps_over_v
-    delta = tl.where(live & (g != 0.0)[:, None], delta, 0.0)
+    delta = tl.where(live, a[:, None] * p - tl.where(onehot, one_minus_eps, 0.0) - eps_over_v, 0.0)
     keep = True
     if FILTER:
-        keep = tl.max(tl.max(tl.abs(delta), axis=1), axis=0) >= tl.load(param_ptr + PARAM_FILTER_EPS)
+        # Rows without upstream gradient cannot keep a tile alive.
+        counted = tl.where((g != 0.0)[:, None], tl.abs(delta), 0.0)
+        keep = tl.max(tl.max(counted, axis=1), axis=0) >= tl.load(param_ptr + PARAM_FILTER_EPS)
+    # g * delta, not a mask on g: a NaN logit gives a NaN gradient even where g = 0, as autograd's 0 * NaN does.
     ds = g[:, None] * delta
     if HAS_GRAD_LSE:
         gl = tl.load(gl_ptr + offs_n, mask=mask_n, other=0.0)

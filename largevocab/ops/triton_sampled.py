@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from .torch_sampled import row_grad, sampled_loss
 from .triton_ce import (
     _LOW_PRECISION,
     FMA_BLOCK_COLUMNS,
@@ -37,6 +38,8 @@ from .triton_ce import (
     PROGRAMS_PER_SM,
     _constexprs,
     _logits_tile,
+    _lse_of,
+    _online_lse,
     _rows_contiguous,
     _scatter_tile_grads,
     uses_fma,
@@ -45,10 +48,9 @@ from .triton_ce import (
 # Planes of the forward's partial results part[PLANES, splits, N].
 # Constexpr instances because the kernels read them (the compiler rejects plain global ints; the interpreter
 # does not).
-PART_MAX = tl.constexpr(0)
-PART_SUM_EXP = tl.constexpr(1)
-PART_POSITIVE = tl.constexpr(2)
-PLANES = 3
+PART_LSE = tl.constexpr(0)
+PART_POSITIVE = tl.constexpr(1)
+PLANES = 2
 
 
 @triton.jit
@@ -103,33 +105,24 @@ def _rows_logits(h_ptr, w_ptr, offs_n, neg, live, N, D, stride_hn, stride_wv, BL
 
 
 @triton.jit
-def _online_lse_step(m, sum_exp, s):
-    """Fold a tile of logits into the running (max, sum of exp); ``m`` is finite (it starts at the positive)."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-    return m_new, sum_exp
-
-
-@triton.jit
 def _sampled_fwd_kernel(
     h_ptr, w_ptr, tgt_ptr, neg_ptr, corr_ptr, part_ptr, N, V, K, D, stride_hn, stride_wv, stride_corr, k_per_split,
     SHARED: tl.constexpr, HAS_CORR: tl.constexpr, REMOVE_HITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Per (row block, slice of K): running max and sum of exp over [positive, negatives] -> part[PLANES, S, N].
-
-    Every slice starts its running max at the positive logit; only slice 0 counts exp(0) for it, so the merge
-    sum_s sum_exp_s * exp(m_s - max) counts the positive once.
-    """
+    """Per (row block, slice of K): the slice's log-sum-exp over its negatives (slice 0: and the positive) and the
+    positive logit -> part[PLANES, S, N]. A slice whose negatives are all masked has lse -inf, which the merge
+    (torch.logsumexp) ignores; slice 0 always holds the positive, so a row's lse is never -inf from masking."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)
     s_pos = _positive_logit(h_ptr, w_ptr, offs_n, tgt, N, D, stride_hn, stride_wv, BLOCK_N, BLOCK_D, ACC_DTYPE)
-    m = s_pos
-    sum_exp = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE) + (pid_s == 0).to(ACC_DTYPE)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=ACC_DTYPE)
+    sum_exp = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    m, sum_exp = _online_lse(m, sum_exp, tl.where(pid_s == 0, s_pos, float("-inf"))[:, None])
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     neg_rows = neg_ptr + offs_n.to(tl.int64)[:, None] * K
@@ -149,12 +142,11 @@ def _sampled_fwd_kernel(
             s = _rows_logits(h_ptr, w_ptr, offs_n, neg, live, N, D, stride_hn, stride_wv,
                              BLOCK_N, BLOCK_K, BLOCK_D, ACC_DTYPE)
             s = _adjust_logits(s, neg, live, offs_n, tgt, N, corr_ptr, stride_corr, HAS_CORR, REMOVE_HITS)
-        m, sum_exp = _online_lse_step(m, sum_exp, s)
+        m, sum_exp = _online_lse(m, sum_exp, s)
 
     out = part_ptr + pid_s.to(tl.int64) * N + offs_n
     plane = tl.num_programs(1).to(tl.int64) * N
-    tl.store(out + PART_MAX * plane, m, mask=mask_n)
-    tl.store(out + PART_SUM_EXP * plane, sum_exp, mask=mask_n)
+    tl.store(out + PART_LSE * plane, _lse_of(m, sum_exp), mask=mask_n)
     tl.store(out + PART_POSITIVE * plane, s_pos, mask=mask_n)
 
 
@@ -345,9 +337,8 @@ def _forward(hidden, weight, targets, negatives, correction, remove_hits: bool, 
         correction.stride(0) if correction is not None else 0, k_per_split,
         SHARED=shared, HAS_CORR=correction is not None, REMOVE_HITS=remove_hits, **_constexprs(hidden),
     )
-    m, sum_exp = part[PART_MAX.value], part[PART_SUM_EXP.value]
-    m_max = m.max(dim=0).values
-    lse = m_max + (sum_exp * torch.exp(m - m_max)).sum(dim=0).log()
+    # torch.logsumexp keeps the non-finite cases of a materialised log-sum-exp (+inf, -inf, NaN) in the merge.
+    lse = torch.logsumexp(part[PART_LSE.value], dim=0)
     return lse, part[PART_POSITIVE.value, 0]
 
 
@@ -383,48 +374,22 @@ def _backward(hidden, weight, targets, negatives, correction, remove_hits: bool,
     return dh, dw
 
 
-# ------------------------------------------------------------------------------------------ autograd
+# ------------------------------------------------------------------------------ entry points of the op layer
 
 
-class _TritonSampledCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, valid, negatives, correction, remove_hits: bool, splits):
-        lse, s_pos = _forward(hidden, weight, targets, negatives, correction, remove_hits, splits)
-        loss = torch.where(valid, lse - s_pos, torch.zeros_like(lse))
-        ctx.save_for_backward(hidden, weight, targets, valid, negatives, correction, lse)
-        ctx.remove_hits = remove_hits
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, targets, valid, negatives, correction, lse = ctx.saved_tensors
-        g = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse)).contiguous()
-        dh, dw = _backward(hidden, weight, targets, negatives, correction, ctx.remove_hits, lse, g,
-                           ctx.needs_input_grad[:2])
-        return (
-            dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-            None, None, None, None, None, None,
-        )
+def forward(hidden, weight, targets, valid, negatives, correction, remove_hits: bool, splits: int | None = None):
+    """Per-row ``(loss, lse)`` (N,); same contract as ``largevocab.ops.torch_sampled.forward``. ``splits``
+    overrides how many slices of K the forward uses (tests use it to cover the merge)."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    lse, s_pos = _forward(hidden, weight, targets.contiguous(), negatives.contiguous(), correction, remove_hits,
+                          splits)
+    return sampled_loss(lse, s_pos, valid), lse
 
 
-def triton_sampled_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor,
-    negatives: torch.Tensor,
-    correction: torch.Tensor | None,
-    remove_accidental_hits: bool,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """Per-row sampled loss (N,); same contract as ``largevocab.ops.torch_sampled.torch_sampled_cross_entropy``.
-
-    ``splits`` overrides how many slices of K the forward uses (tests use it to cover the merge).
-    """
-    hidden = _rows_contiguous(hidden)
-    weight = _rows_contiguous(weight)
-    return _TritonSampledCrossEntropy.apply(
-        hidden, weight, targets.contiguous(), valid, negatives.contiguous(), correction, remove_accidental_hits,
-        splits,
-    )
+def backward(hidden, weight, targets, valid, negatives, correction, remove_hits: bool, lse, grad_loss, needs):
+    """``(dh, dw)`` in the input dtypes (None where not needed) for the per-row upstream gradient ``grad_loss``."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    g = row_grad(grad_loss, valid, lse).contiguous()
+    dh, dw = _backward(hidden, weight, targets.contiguous(), negatives.contiguous(), correction, remove_hits, lse,
+                       g, needs)
+    return (dh.to(hidden.dtype) if dh is not None else None, dw.to(weight.dtype) if dw is not None else None)

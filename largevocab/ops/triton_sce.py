@@ -27,6 +27,8 @@ from .triton_ce import (
     INTERPRET,
     _constexprs,
     _logits_tile,
+    _lse_of,
+    _online_lse,
     _rows_contiguous,
     _scatter_tile_grads,
     uses_fma,
@@ -57,13 +59,9 @@ def _bucket_lse_fwd_kernel(
             False, False, BLOCK_R, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
         )
         live = mask_c[None, :] & (col[None, :] != tgt[:, None])
-        s = tl.where(live, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # While a row has seen only masked items its max is -inf; shift by 0 then to avoid -inf - -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        sum_exp = sum_exp * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-        m = m_new
-    tl.store(lse_ptr + g * R + offs_r, m + tl.log(sum_exp), mask=mask_r)
+        # A row that has seen only masked items keeps lse -inf; a +inf logit gives +inf (torch.logsumexp's values).
+        m, sum_exp = _online_lse(m, sum_exp, tl.where(live, s, float("-inf")))
+    tl.store(lse_ptr + g * R + offs_r, _lse_of(m, sum_exp), mask=mask_r)
 
 
 @triton.jit
@@ -131,57 +129,45 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ------------------------------------------------------------------------------------------ autograd
+# ------------------------------------------------------------------------------ entry points of the op layer
 
 
-class _TritonBucketLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, cols):
-        n_buckets, r = rows.shape
-        c = cols.shape[1]
-        cfg = _config(hidden.dtype)
-        consts = _constexprs(hidden)
-        lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-        launch(
-            _bucket_lse_fwd_kernel, (n_buckets, triton.cdiv(r, cfg.BLOCK_R)), cfg, hidden.device,
-            hidden, weight, targets, rows, cols, lse, hidden.shape[0], weight.shape[0], hidden.shape[1], r, c,
-            hidden.stride(0), weight.stride(0), **consts,
-        )
-        ctx.save_for_backward(hidden, weight, targets, rows, cols, lse)
-        ctx.set_materialize_grads(False)
-        return lse, positive_logits(hidden, weight, targets)
+def forward(hidden, weight, targets, rows, cols):
+    """Same contract as ``largevocab.ops.torch_sce.forward``: ``(lse (G, R), positive (N,))``."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    targets, rows, cols = targets.contiguous(), rows.contiguous(), cols.contiguous()
+    n_buckets, r = rows.shape
+    c = cols.shape[1]
+    cfg = _config(hidden.dtype)
+    lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+    launch(
+        _bucket_lse_fwd_kernel, (n_buckets, triton.cdiv(r, cfg.BLOCK_R)), cfg, hidden.device,
+        hidden, weight, targets, rows, cols, lse, hidden.shape[0], weight.shape[0], hidden.shape[1], r, c,
+        hidden.stride(0), weight.stride(0), **_constexprs(hidden),
+    )
+    return lse, positive_logits(hidden, weight, targets)
 
-    @staticmethod
-    def backward(ctx, grad_lse, grad_positive):
-        hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        n_buckets, r = rows.shape
-        c = cols.shape[1]
-        cfg = _config(hidden.dtype)
-        consts = _constexprs(hidden)
-        dh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else lse
-        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else lse
-        if grad_positive is not None:
-            add_positive_grad(dh if need_h else None, dw if need_w else None, hidden, weight, targets,
-                              grad_positive.to(lse.dtype))
-        if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
+
+def backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, needs):
+    """Same contract as ``largevocab.ops.torch_sce.backward``; dH and dW accumulate with float32 atomics."""
+    hidden, weight = _rows_contiguous(hidden), _rows_contiguous(weight)
+    targets, rows, cols = targets.contiguous(), rows.contiguous(), cols.contiguous()
+    need_h, need_w = needs
+    n_buckets, r = rows.shape
+    c = cols.shape[1]
+    cfg = _config(hidden.dtype)
+    dh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_h else lse
+    dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else lse
+    if grad_positive is not None:
+        add_positive_grad(dh if need_h else None, dw if need_w else None, hidden, weight, targets,
+                          grad_positive.to(lse.dtype))
+    if grad_lse is not None:
         launch(
             _bucket_lse_bwd_kernel,
             lambda config: (n_buckets, triton.cdiv(r, config.BLOCK_R), triton.cdiv(c, config.BLOCK_C)),
             cfg, hidden.device,
             hidden, weight, targets, rows, cols, lse, grad_lse.to(lse.dtype).contiguous(), dh, dw,
             hidden.shape[0], weight.shape[0], hidden.shape[1], r, c, hidden.stride(0), weight.stride(0),
-            NEED_DH=need_h, NEED_DW=need_w, **consts,
+            NEED_DH=need_h, NEED_DW=need_w, **_constexprs(hidden),
         )
-        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None, None, None, None)
-
-
-def triton_bucket_lse(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``largevocab.ops.torch_sce.torch_bucket_lse``: ``(lse (G, R), positive (N,))``."""
-    return _TritonBucketLSE.apply(
-        _rows_contiguous(hidden), _rows_contiguous(weight), targets.contiguous(), rows.contiguous(),
-        cols.contiguous(),
-    )
+    return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None)
