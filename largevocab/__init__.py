@@ -4,6 +4,7 @@ The N x V logits of the output layer are never materialised: see :func:`linear_c
 """
 
 from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_with_lse
+from .log_probs import linear_argmax, linear_log_probs
 from .mlet import FactorizedEmbedding
 from .sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
 from .scalable import ScalableCrossEntropyLoss, scalable_cross_entropy
@@ -15,8 +16,10 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "SampledCrossEntropyLoss",
     "ScalableCrossEntropyLoss",
+    "linear_argmax",
     "linear_cross_entropy",
     "linear_cross_entropy_with_lse",
+    "linear_log_probs",
     "sample_negatives",
     "sampled_cross_entropy",
     "scalable_cross_entropy",

@@ -1,0 +1,191 @@
+"""Pure-PyTorch backend of the fused per-token log-probabilities, entropy and argmax: chunked over tokens.
+
+The same chunking as ``torch_ce``: one GEMM per chunk of rows gives that chunk's logits (``CHUNK_ELEMENTS``, never
+N x V), whose elementwise passes run on cache-sized blocks of rows. The upstream gradients of the log-probs are
+per token and only known in backward (GRPO's come from the ratio exp(logp - old logp)), so backward recomputes the
+logits: 4 GEMM passes per training step where eager PyTorch needs 3.
+
+Per token, for final logits ``s = softcap(hidden @ weight.T + bias) / temperature`` and ``p = softmax(s)``::
+
+    lse = logsumexp(s)         logp = s[y] - lse              entropy = -sum_v p_v log p_v
+    d logp / d s_v = [v == y] - p_v                           d entropy / d s_v = -p_v (log p_v + entropy)
+
+Non-finite logits as in the materialised computation (``log_softmax``): a row holding +inf or NaN gives NaN
+outputs and gradients. A -inf logit (a token masked out through the bias) is a token of probability 0: it adds
+0 to the entropy (0 log 0 = 0) instead of the materialised formula's NaN, and gets no gradient.
+It is also the oracle of the Triton kernels and their deterministic backward (``backward`` is shared).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._common import acc_dtype
+from .torch_ce import CACHE_BLOCK_ELEMENTS, _logits, default_chunk_rows
+
+
+@dataclass(frozen=True)
+class LogProbOptions:
+    """The logit transform of ``linear_log_probs`` and whether the entropy is wanted."""
+
+    softcap: float | None = None
+    temperature: float = 1.0
+    entropy: bool = False
+
+
+def block_rows(vocab: int) -> int:
+    """Rows of one elementwise block: its (rows, V) temporaries stay in a CPU's cache between passes."""
+    return max(1, CACHE_BLOCK_ELEMENTS // vocab)
+
+
+def transform_(z: torch.Tensor, softcap: float | None, temperature: float, cap_grad: bool = False):
+    """Turn raw logits ``z`` into ``softcap(z) / temperature`` in place; returns the soft cap's derivative
+    ``1 - tanh^2`` when ``cap_grad`` and a soft cap are given, else None."""
+    grad = None
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if cap_grad:
+            grad = 1.0 - z.square()
+        z.mul_(softcap)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return grad
+
+
+def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """``(target logit, lse, entropy or None)`` of a block of final logits ``s``; overwrites ``s``.
+
+    The entropy is ``log sum e^x - sum e^x x / sum e^x`` with ``x = s - max s <= 0``: no cancellation between lse
+    and E[s], both of the size of the logits.
+    """
+    target_logit = s.gather(1, targets.unsqueeze(1)).squeeze(1)
+    row_max = s.amax(dim=1)
+    # An infinite row max would give inf - inf = NaN; shifting by 0 keeps torch.logsumexp's +inf / -inf.
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    x = s.sub_(shift.unsqueeze(1))
+    if not entropy:
+        return target_logit, x.exp_().sum(dim=1).log_().add_(shift), None
+    e = x.exp()
+    sum_e = e.sum(dim=1)
+    log_sum = sum_e.log()
+    # e * x is 0 * -inf = NaN at a -inf logit, whose p log p is 0.
+    ex = e.mul_(x).masked_fill_(x == -math.inf, 0.0)
+    return target_logit, log_sum.add(shift), log_sum - ex.sum(dim=1) / sum_e
+
+
+def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_rows: int | None = None):
+    """Per-token ``(logp, entropy, lse)`` of ``hidden`` (N, D) against ``weight`` (V, D), all (N,) float32/64.
+
+    ``targets`` (N,) must be in [0, V) at every row (ignored rows may hold any in-range id); ``valid`` marks the
+    rows that count: ``logp`` and ``entropy`` are 0 elsewhere. ``entropy`` is all zeros unless ``opts.entropy``.
+    ``lse`` is defined at every row (backward needs it).
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    target_logit = torch.empty(n_rows, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(target_logit)
+    ent = torch.zeros_like(target_logit)
+    chunk_rows = chunk_rows or default_chunk_rows(vocab)
+    step = block_rows(vocab)
+    for start in range(0, n_rows, chunk_rows):
+        z = _logits(hidden[start:start + chunk_rows], weight, bias)
+        for r0 in range(0, z.shape[0], step):
+            r = slice(r0, r0 + step)
+            rows = slice(start + r0, start + r0 + z[r].shape[0])
+            transform_(z[r], opts.softcap, opts.temperature)
+            target_logit[rows], lse[rows], block_ent = _block_stats(z[r], targets[rows], opts.entropy)
+            if block_ent is not None:
+                ent[rows] = block_ent
+    zeros = torch.zeros_like(lse)
+    # A +inf logit: lse = +inf, and the materialised log-softmax of the row is NaN.
+    logp = torch.where(lse == math.inf, torch.full_like(lse, math.nan), target_logit - lse)
+    return torch.where(valid, logp, zeros), torch.where(valid, ent, zeros), lse
+
+
+def _block_grad(s, lse, ent, targets, g_logp, g_ent):
+    """Overwrite a block of final logits ``s`` with d(sum g_logp logp + g_ent entropy) / d s (None: no gradient)."""
+    log_p = s.sub_(lse.unsqueeze(1))
+    if g_ent is None:
+        ds = log_p.exp_().mul_(-g_logp.unsqueeze(1))
+    else:
+        p = log_p.exp()
+        coef = log_p.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1))  # g_ent (log p + entropy)
+        if g_logp is not None:
+            coef.add_(g_logp.unsqueeze(1))
+        # A -inf logit has p = 0 and log p = -inf: its gradient is 0, not 0 * inf.
+        coef.masked_fill_(p == 0, 0.0)
+        ds = coef.mul_(p).neg_()
+    if g_logp is not None:
+        rows = torch.arange(ds.shape[0], device=ds.device)
+        ds[rows, targets] += g_logp
+    # A NaN upstream gradient (backward's mark of a row with a non-finite lse) spreads over its whole row.
+    for g in (g_logp, g_ent):
+        if g is not None:
+            ds.masked_fill_(torch.isnan(g).unsqueeze(1), math.nan)
+    return ds
+
+
+def backward(hidden, weight, bias, targets, valid, lse, ent, opts: LogProbOptions, g_logp, g_ent, needs,
+             chunk_rows: int | None = None):
+    """``(dh, dw, db)`` of ``sum g_logp * logp + g_ent * entropy`` in the input dtypes (None where ``needs`` says
+    so), recomputing the logits chunk by chunk. ``g_logp``/``g_ent`` (N,) may be None (no gradient). Bit-
+    reproducible (no atomics, a fixed order): the Triton backend calls it in deterministic mode."""
+    need_h, need_w, need_b = needs
+    acc = lse.dtype
+    vocab = weight.shape[0]
+    # Ignored rows get no gradient; a counted row whose lse is not finite gets NaN (the materialised gradient).
+    bad_row = valid & ~torch.isfinite(lse)
+
+    def per_token(g):
+        if g is None:
+            return None
+        g = torch.where(valid, g.to(acc), torch.zeros_like(lse))
+        return torch.where(bad_row, torch.full_like(g, math.nan), g)
+
+    g_logp, g_ent = per_token(g_logp), per_token(g_ent)
+    dh = torch.zeros_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+    if g_logp is not None or g_ent is not None:
+        chunk_rows = chunk_rows or default_chunk_rows(vocab)
+        step = block_rows(vocab)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            z = _logits(h, weight, bias)
+            for r0 in range(0, z.shape[0], step):
+                r = slice(r0, r0 + step)
+                rows = slice(start + r0, start + r0 + z[r].shape[0])
+                cap_grad = transform_(z[r], opts.softcap, opts.temperature, cap_grad=True)
+                ds = _block_grad(z[r], lse[rows], ent[rows], targets[rows],
+                                 g_logp[rows] if g_logp is not None else None,
+                                 g_ent[rows] if g_ent is not None else None)
+                if opts.temperature != 1.0:
+                    ds.div_(opts.temperature)
+                if cap_grad is not None:
+                    ds.mul_(cap_grad)
+            if need_h:
+                dh[start:start + chunk_rows] = z.to(weight.dtype) @ weight
+            if need_w:
+                dw.addmm_(z.T, h.to(acc))
+            if need_b:
+                db += z.sum(dim=0)
+    return (
+        dh,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+    )
+
+
+def argmax(hidden, weight, bias, softcap: float | None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Row argmax ids (N,) int64 of ``softcap(hidden @ weight.T + bias)``, by ``torch.argmax``'s rule: ties go to
+    the smallest id and a NaN logit counts as the largest."""
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        z = _logits(hidden[start:start + chunk_rows], weight, bias)
+        transform_(z, softcap, 1.0)
+        out[start:start + chunk_rows] = z.argmax(dim=-1)
+    return out
