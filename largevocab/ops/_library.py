@@ -141,14 +141,21 @@ def is_strict() -> bool:
 # ------------------------------------------------------------------------------------------------ generators
 
 
-@contextlib.contextmanager
 def use_generator(generator: torch.Generator | None):
-    """Make ``generator`` the one the random-draw ops use for the duration of the block (eager mode only)."""
-    if generator is not None and torch.compiler.is_compiling():
+    """A context in which the random-draw ops use ``generator`` (None: the global generator). Eager mode only for a
+    generator: torch.compile cannot trace one."""
+    if generator is None:
+        return contextlib.nullcontext()
+    if torch.compiler.is_compiling():
         raise ValueError(
             "torch.compile cannot trace a torch.Generator: pass generator=None under torch.compile (the draws then "
             "use the global generator, seeded by torch.manual_seed, exactly as in eager mode)"
         )
+    return _generator_context(generator)
+
+
+@contextlib.contextmanager
+def _generator_context(generator: torch.Generator):
     previous = getattr(_state, "generator", None)
     _state.generator = generator
     try:
@@ -253,6 +260,39 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.config = (ignore_index, reduction, backend, any(precompute), strict)
 
 
+def _grads_or_empty(grads, refs):
+    return tuple(t if t is not None else _empty_like_rows(ref) for t, ref in zip(grads, refs, strict=True))
+
+
+@torch.library.custom_op(f"{LIBRARY}::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+    grad_tokens: torch.Tensor | None, grad_lse: torch.Tensor | None, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: float | None, filter_eps: float | None, backend: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dh, dw, db)`` (empty where not needed) for per-token upstream gradients of the loss and of the LSE;
+    recomputes the logits. An op of its own so that torch.compile's backward graph does not trace the kernels."""
+    opts = CEOptions(label_smoothing, z_loss, softcap, filter_eps)
+    safe, valid, bad = rechecked_targets(targets, weight.shape[0], ignore_index)
+    if grad_tokens is not None:
+        grad_tokens = poison(grad_tokens.to(lse.dtype), bad, per_row=True).contiguous()
+    if _ce_backend(backend, hidden) == "triton":
+        from . import triton_ce
+
+        grads = triton_ce.backward(hidden, weight, bias, safe, valid, lse, opts, grad_tokens, grad_lse, tuple(needs))
+    else:
+        grads = torch_ce.backward(hidden, weight, bias, safe, valid, opts, grad_tokens, grad_lse, tuple(needs))
+    return _grads_or_empty(grads, (hidden, weight, weight))
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, grad_tokens, grad_lse, ignore_index, label_smoothing, z_loss, softcap,
+      filter_eps, backend, needs):
+    grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else None)
+    return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)],
+                           (hidden, weight, weight))
+
+
 def _ce_backward(ctx, g_loss, g_lse, *_):
     hidden, weight, bias, targets, lse, dh, dw, db = ctx.saved_tensors
     ignore_index, reduction, backend, precomputed, strict = ctx.config
@@ -263,22 +303,14 @@ def _ce_backward(ctx, g_loss, g_lse, *_):
         # The forward already applied the backward GEMMs for a unit upstream gradient of the scalar loss.
         scaled = [t * g_loss.to(t.dtype) if need else None for t, need in zip((dh, dw, db), needs, strict=True)]
         return (*scaled, *(None,) * 10)
-    if hidden.device.type == "meta":
-        grads = (torch.empty_like(hidden), torch.empty_like(weight),
-                 torch.empty_like(bias) if bias is not None else None)
-        return (*(t if need else None for t, need in zip(grads, needs, strict=True)), *(None,) * 10)
-    safe, valid, bad = rechecked_targets(targets, weight.shape[0], ignore_index)
+    valid = targets != ignore_index
     g = _token_grad(g_loss, valid, reduction)
-    if g is not None:
-        g = poison(g.to(lse.dtype), bad, per_row=True).contiguous()
-    backend = _ce_backend(backend, hidden)
-    if backend == "triton":
-        from . import triton_ce
-
-        grads = triton_ce.backward(hidden, weight, bias, safe, valid, lse, ctx.opts, g, g_lse, needs)
-    else:
-        grads = torch_ce.backward(hidden, weight, bias, safe, valid, ctx.opts, g, g_lse, needs)
-    return (*grads, *(None,) * 10)
+    opts = ctx.opts
+    grads = torch.ops.largevocab.linear_cross_entropy_backward(
+        hidden, weight, bias, targets, lse, g, g_lse, ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+        opts.filter_eps, backend, list(needs),
+    )
+    return (*(t if need else None for t, need in zip(grads, needs, strict=True)), *(None,) * 10)
 
 
 linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -351,15 +383,32 @@ def _bucket_lse_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@torch.library.custom_op(f"{LIBRARY}::bucket_lse_backward", mutates_args=())
+def bucket_lse_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    lse: torch.Tensor, grad_lse: torch.Tensor | None, grad_positive: torch.Tensor | None, backend: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, dw)`` of :func:`bucket_lse_op` (empty where not needed), recomputing the bucket logits."""
+    module = _sce_module(_sce_backend(backend, rows, cols, hidden))
+    grads = module.backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, tuple(needs))
+    return _grads_or_empty(grads, (hidden, weight))
+
+
+@bucket_lse_backward_op.register_fake
+def _(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, backend, needs):
+    grads = (torch.empty_like(hidden), torch.empty_like(weight))
+    return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)], (hidden, weight))
+
+
 def _bucket_lse_backward(ctx, grad_lse, grad_positive):
     hidden, weight, targets, rows, cols, lse = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:2])
-    if hidden.device.type == "meta":
-        grads = (torch.empty_like(hidden), torch.empty_like(weight))
-        return (*(t if need else None for t, need in zip(grads, needs, strict=True)), None, None, None, None)
-    module = _sce_module(_sce_backend(ctx.backend, rows, cols, hidden))
-    dh, dw = module.backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, needs)
-    return dh, dw, None, None, None, None
+    if grad_lse is None and grad_positive is None:
+        return (None,) * 6
+    dh, dw = torch.ops.largevocab.bucket_lse_backward(hidden, weight, targets, rows, cols, lse, grad_lse,
+                                                      grad_positive, ctx.backend, list(needs))
+    return (dh if needs[0] else None), (dw if needs[1] else None), None, None, None, None
 
 
 bucket_lse_op.register_autograd(_bucket_lse_backward, setup_context=_bucket_lse_setup_context)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .._common import acc_dtype
-from ._library import LIBRARY, check_targets, check_values, current_generator
+from ._library import LIBRARY, _grads_or_empty, check_targets, check_values, current_generator
 
 SAMPLING_MODES = ("uniform", "popularity", "in_batch")
 
@@ -157,18 +157,33 @@ def _sampled_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@torch.library.custom_op(f"{LIBRARY}::sampled_cross_entropy_backward", mutates_args=())
+def sampled_cross_entropy_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor,
+    correction: torch.Tensor | None, remove_hits: bool, backend: str, lse: torch.Tensor, grad_loss: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh, dw)`` of :func:`sampled_cross_entropy_op` (empty where not needed), recomputing the logits."""
+    grads = _sampled_module(backend, hidden, negatives).backward(
+        hidden, weight, targets, valid, negatives, correction, remove_hits, lse, grad_loss, tuple(needs))
+    return _grads_or_empty(grads, (hidden, weight))
+
+
+@sampled_cross_entropy_backward_op.register_fake
+def _(hidden, weight, targets, valid, negatives, correction, remove_hits, backend, lse, grad_loss, needs):
+    grads = (torch.empty_like(hidden), torch.empty_like(weight))
+    return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)], (hidden, weight))
+
+
 def _sampled_backward(ctx, grad_loss, _grad_lse):
     hidden, weight, targets, valid, negatives, correction, lse = ctx.saved_tensors
     remove_hits, backend = ctx.config
     needs = tuple(ctx.needs_input_grad[:2])
     if grad_loss is None:
         return (None,) * 8
-    if hidden.device.type == "meta":
-        grads = (torch.empty_like(hidden), torch.empty_like(weight))
-        return (*(t if need else None for t, need in zip(grads, needs, strict=True)), *(None,) * 6)
-    dh, dw = _sampled_module(backend, hidden, negatives).backward(
-        hidden, weight, targets, valid, negatives, correction, remove_hits, lse, grad_loss, needs)
-    return dh, dw, *(None,) * 6
+    dh, dw = torch.ops.largevocab.sampled_cross_entropy_backward(
+        hidden, weight, targets, valid, negatives, correction, remove_hits, backend, lse, grad_loss, list(needs))
+    return (dh if needs[0] else None), (dw if needs[1] else None), *(None,) * 6
 
 
 sampled_cross_entropy_op.register_autograd(_sampled_backward, setup_context=_sampled_setup_context)
