@@ -181,6 +181,24 @@ def _sce(dtype):
     return call
 
 
+def _log_probs(dtype, *, bias=False, entropy=False, softcap=None, temperature=1.0):
+    def call():
+        hidden, weight, targets, _ = _inputs(dtype)
+        b = torch.zeros(V, dtype=dtype, requires_grad=True) if bias else None
+        logp, ent, _ = torch.ops.largevocab.linear_log_probs(hidden, weight, b, targets, -100, softcap, temperature,
+                                                            entropy, "triton", True)
+        (logp.sum() + (ent.sum() if entropy else 0)).backward()
+    return call
+
+
+def _argmax(dtype):
+    def call():
+        hidden, weight, _, _ = _inputs(dtype)
+        torch.ops.largevocab.linear_argmax(hidden.detach(), weight.detach(), torch.zeros(V, dtype=dtype), 30.0,
+                                           "triton")
+    return call
+
+
 def variants(dtypes=tuple(DTYPES)) -> dict:
     """Every distinct compile the library can ask for: each dtype with options off and all on, and each mode."""
     out = {}
@@ -198,6 +216,9 @@ def variants(dtypes=tuple(DTYPES)) -> dict:
             out[f"sampled {name} {kind}"] = _sampled(dtype, shared=shared, correction=False, remove_hits=False)
             out[f"sampled {name} {kind} logq+hits"] = _sampled(dtype, shared=shared, correction=True)
         out[f"sce {name}"] = _sce(dtype)
+        out[f"logp {name} default"] = _log_probs(dtype)
+        out[f"logp {name} all options"] = _log_probs(dtype, bias=True, entropy=True, softcap=30.0, temperature=0.7)
+        out[f"argmax {name}"] = _argmax(dtype)
     return out
 
 

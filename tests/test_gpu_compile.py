@@ -36,6 +36,8 @@ CE_DETERMINISTIC = {"_ce_fwd_kernel", "_ce_bwd_dh_kernel", "_ce_bwd_dw_kernel"}
 SAMPLED_ROWS = {"_sampled_fwd_kernel", "_rows_bwd_kernel"}
 SAMPLED_SHARED = {"_sampled_fwd_kernel", "_shared_bwd_kernel"}
 SCE = {"_bucket_lse_fwd_kernel", "_bucket_lse_bwd_kernel"}
+LOG_PROBS = {"_logp_fwd_kernel", "_logp_bwd_kernel"}
+ARGMAX = {"_argmax_kernel"}
 
 
 def _expected(dtypes) -> dict[str, set[str]]:
@@ -45,7 +47,8 @@ def _expected(dtypes) -> dict[str, set[str]]:
                 f"ce {dt} deterministic": CE_DETERMINISTIC, f"ce {dt} deterministic all options": CE_DETERMINISTIC,
                 f"sampled {dt} per-row": SAMPLED_ROWS, f"sampled {dt} per-row logq+hits": SAMPLED_ROWS,
                 f"sampled {dt} shared": SAMPLED_SHARED, f"sampled {dt} shared logq+hits": SAMPLED_SHARED,
-                f"sce {dt}": SCE}
+                f"sce {dt}": SCE,
+                f"logp {dt} default": LOG_PROBS, f"logp {dt} all options": LOG_PROBS, f"argmax {dt}": ARGMAX}
     return out
 
 
@@ -235,7 +238,14 @@ def _grads(fn, hidden, weight, targets, **opts):
     return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
 
 
-CASES = ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared", "sce"]
+CASES = ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared", "sce", "logp"]
+
+
+def _log_probs_loss(h, w, y, **opts):
+    import largevocab as lv
+
+    logp, ent = lv.linear_log_probs(h, w, y, return_entropy=True, **opts)
+    return (logp * torch.linspace(-1.0, 2.0, len(y), dtype=logp.dtype)).sum() + ent.sum()
 
 
 @pytest.mark.parametrize(("case", "tile"), [(c, "smallest") for c in CASES]
@@ -259,6 +269,9 @@ def test_gpu_only_configs_match_the_torch_backend(gpu_tile, case, tile):
         shape = (37,) if case == "sampled shared" else (n, 37)
         opts = dict(negatives=torch.randint(0, v, shape, generator=gen))
         fn = lv.sampled_cross_entropy
+    elif case == "logp":  # triton_log_probs takes triton_ce's tiles
+        opts = dict(temperature=0.7, softcap=20.0)
+        fn = _log_probs_loss
     else:
         opts = dict(n_buckets=3, bucket_size_x=30, bucket_size_y=50)
         fn = lv.scalable_cross_entropy
