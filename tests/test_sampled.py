@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from largevocab.ops import torch_sampled, triton_sampled
 from largevocab.sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
 
+from reference import reference_sampled_loss as reference
+
 BACKENDS = ["torch", "triton"]
 LAYOUTS = ["rows", "shared"]
 IGNORE = -100
@@ -56,39 +58,6 @@ def make_inputs(layout, *, dtype=torch.float64, ignore_index=IGNORE, seed=0, lea
 
 def make_counts(v, seed=1):
     return torch.randint(1, 50, (v,), generator=torch.Generator().manual_seed(seed))
-
-
-def reference(hidden, weight, targets, negatives, *, item_counts=None, logq_correction=True,
-              remove_accidental_hits=True, ignore_index=IGNORE, reduction="mean", dtype=torch.float64):
-    """Materialise the (N, 1 + K) sampled logits in ``dtype`` (float64 for the oracle) and apply F.cross_entropy."""
-    vocab, dim = weight.shape
-    h, w = hidden.reshape(-1, dim).to(dtype), weight.to(dtype)
-    y = targets.reshape(-1)
-    valid = y != ignore_index
-    y_safe = torch.where(valid, y, torch.zeros_like(y))
-    up = torch.float64 if dtype == torch.float64 else torch.float32
-    pos = (h * w[y_safe]).sum(-1).to(up)
-    if negatives.dim() == 1:
-        z = (h @ w[negatives].T).to(up)
-        neg = negatives.expand(len(y), -1)
-    else:
-        neg = negatives.reshape(len(y), -1)
-        z = torch.einsum("nd,nkd->nk", h, w[neg]).to(up)
-    k = neg.shape[1]
-    if logq_correction:
-        q = item_counts.double() / item_counts.sum() if item_counts is not None else torch.full((vocab,), 1 / vocab,
-                                                                                                dtype=torch.float64)
-        z = z - torch.log(k * q[neg]).to(up)
-    if remove_accidental_hits:
-        z = z.masked_fill(neg == y_safe[:, None], float("-inf"))
-    logits = torch.cat([pos[:, None], z], dim=1)
-    per_row = F.cross_entropy(logits, torch.zeros_like(y), reduction="none")
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    if reduction == "none":
-        return per_row.reshape(targets.shape)
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.sum() / valid.sum().clamp(min=1)
 
 
 def loss_and_grads(fn, hidden, weight, targets, upstream=None, **opts):
