@@ -199,6 +199,18 @@ def _argmax(dtype):
     return call
 
 
+def _distill(dtype, kind, *, bias=False):
+    def call():
+        hidden, weight, _, valid = _inputs(dtype)
+        g = torch.Generator().manual_seed(3)
+        teacher = [torch.randn(N, D + 32, generator=g).to(dtype), torch.randn(V, D + 32, generator=g).to(dtype)]
+        bs, bt = (torch.zeros(V, dtype=dtype, requires_grad=True), torch.zeros(V, dtype=dtype)) if bias else (None,) * 2
+        loss, *_ = torch.ops.largevocab.linear_distillation_loss(hidden, weight, bs, *teacher, bt, valid, kind, 0.5,
+                                                                 0.7, "none", True, "triton", [False] * 3)
+        loss.sum().backward()
+    return call
+
+
 def variants(dtypes=tuple(DTYPES)) -> dict:
     """Every distinct compile the library can ask for: each dtype with options off and all on, and each mode."""
     out = {}
@@ -219,6 +231,9 @@ def variants(dtypes=tuple(DTYPES)) -> dict:
         out[f"logp {name} default"] = _log_probs(dtype)
         out[f"logp {name} all options"] = _log_probs(dtype, bias=True, entropy=True, softcap=30.0, temperature=0.7)
         out[f"argmax {name}"] = _argmax(dtype)
+        out[f"distill {name} forward_kl"] = _distill(dtype, "forward_kl")
+        out[f"distill {name} reverse_kl bias"] = _distill(dtype, "reverse_kl", bias=True)
+        out[f"distill {name} jsd bias"] = _distill(dtype, "jsd", bias=True)
     return out
 
 

@@ -4,6 +4,7 @@ The N x V logits of the output layer are never materialised: see :func:`linear_c
 """
 
 from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_with_lse
+from .distillation import linear_distillation_loss
 from .log_probs import linear_argmax, linear_log_probs
 from .mlet import FactorizedEmbedding
 from .sampled import SampledCrossEntropyLoss, sample_negatives, sampled_cross_entropy
@@ -19,6 +20,7 @@ __all__ = [
     "linear_argmax",
     "linear_cross_entropy",
     "linear_cross_entropy_with_lse",
+    "linear_distillation_loss",
     "linear_log_probs",
     "sample_negatives",
     "sampled_cross_entropy",

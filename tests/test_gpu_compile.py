@@ -38,6 +38,8 @@ SAMPLED_SHARED = {"_sampled_fwd_kernel", "_shared_bwd_kernel"}
 SCE = {"_bucket_lse_fwd_kernel", "_bucket_lse_bwd_kernel"}
 LOG_PROBS = {"_logp_fwd_kernel", "_logp_bwd_kernel"}
 ARGMAX = {"_argmax_kernel"}
+KL = {"_distill_fwd_kernel", "_distill_bwd_kernel"}
+JSD = KL | {"_jsd_kernel"}
 
 
 def _expected(dtypes) -> dict[str, set[str]]:
@@ -48,7 +50,8 @@ def _expected(dtypes) -> dict[str, set[str]]:
                 f"sampled {dt} per-row": SAMPLED_ROWS, f"sampled {dt} per-row logq+hits": SAMPLED_ROWS,
                 f"sampled {dt} shared": SAMPLED_SHARED, f"sampled {dt} shared logq+hits": SAMPLED_SHARED,
                 f"sce {dt}": SCE,
-                f"logp {dt} default": LOG_PROBS, f"logp {dt} all options": LOG_PROBS, f"argmax {dt}": ARGMAX}
+                f"logp {dt} default": LOG_PROBS, f"logp {dt} all options": LOG_PROBS, f"argmax {dt}": ARGMAX,
+                f"distill {dt} forward_kl": KL, f"distill {dt} reverse_kl bias": KL, f"distill {dt} jsd bias": JSD}
     return out
 
 
@@ -238,7 +241,7 @@ def _grads(fn, hidden, weight, targets, **opts):
     return [loss.detach(), *torch.autograd.grad(loss, (h, w))]
 
 
-CASES = ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared", "sce", "logp"]
+CASES = ["ce", "ce deterministic", "ce filtered", "sampled per-row", "sampled shared", "sce", "logp", "distill"]
 
 
 def _log_probs_loss(h, w, y, **opts):
@@ -246,6 +249,14 @@ def _log_probs_loss(h, w, y, **opts):
 
     logp, ent = lv.linear_log_probs(h, w, y, return_entropy=True, **opts)
     return (logp * torch.linspace(-1.0, 2.0, len(y), dtype=logp.dtype)).sum() + ent.sum()
+
+
+def _distill_loss(h, w, y, **opts):
+    import largevocab as lv
+
+    teacher = (h * 0.5).detach(), (w.flip(0) * 2.0).detach()  # another head over the same vocabulary
+    return sum(lv.linear_distillation_loss(h, w, *teacher, y, kind=kind, **opts)
+               for kind in ("forward_kl", "reverse_kl", "jsd"))
 
 
 @pytest.mark.parametrize(("case", "tile"), [(c, "smallest") for c in CASES]
@@ -272,6 +283,9 @@ def test_gpu_only_configs_match_the_torch_backend(gpu_tile, case, tile):
     elif case == "logp":  # triton_log_probs takes triton_ce's tiles
         opts = dict(temperature=0.7, softcap=20.0)
         fn = _log_probs_loss
+    elif case == "distill":  # triton_distill takes triton_ce's tiles (fewer columns in its forward on GPUs)
+        opts = dict(temperature=0.7)
+        fn = _distill_loss
     else:
         opts = dict(n_buckets=3, bucket_size_x=30, bucket_size_y=50)
         fn = lv.scalable_cross_entropy

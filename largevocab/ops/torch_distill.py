@@ -1,0 +1,160 @@
+"""Pure-PyTorch backend of the fused distillation losses (forward KL, reverse KL, generalised JSD): chunked.
+
+Per chunk of rows, two GEMMs give the student's and the teacher's logits (``CHUNK_ELEMENTS`` each, never N x V);
+a chunk holds whole rows, so every per-token quantity (both LSEs, the divergence, its gradient) comes out of one
+pass over the chunk, elementwise on cache-sized blocks. With ``log_s = log_softmax(s / T)``,
+``log_t = log_softmax(t / T)`` and the mixture ``log_m = logaddexp(log(1 - beta) + log_s, log(beta) + log_t)``::
+
+    forward_kl = sum p_t (log_t - log_s)        d / d(s/T) = p_s - p_t
+    reverse_kl = sum p_s (log_s - log_t)        d / d(s/T) = p_s (log_s - log_t - reverse_kl)
+    jsd = beta KL(p_t || m) + (1 - beta) KL(p_s || m)
+                                                d / d(s/T) = (1 - beta) p_s (log_s - log_m - KL(p_s || m))
+
+(the JSD's gradient: d jsd / d p_s,v = (1 - beta) log(p_s,v / m_v), the other terms cancel). The teacher gets no
+gradient. When the upstream gradient per token is known at forward time (a scalar ``mean``/``sum`` loss) the
+gradient GEMMs run in the same pass: 2 + 2 GEMMs per row (student + teacher logits, dH and dW) instead of 2 + 4.
+It is also the oracle of the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._common import acc_dtype
+from .torch_ce import CHUNK_ELEMENTS, _logits
+from .torch_log_probs import block_rows
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The divergence of ``linear_distillation_loss``; ``entropy`` also returns the student's entropy (no
+    gradient), for trainers that log it."""
+
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    entropy: bool = False
+
+
+def default_chunk_rows(vocab: int) -> int:
+    # Two (rows, V) logit buffers live at once: each gets half of torch_ce's chunk.
+    return max(1, CHUNK_ELEMENTS // (2 * vocab))
+
+
+def _log_softmax_(x: torch.Tensor):
+    """Row-wise log-softmax in place; returns ``(x, lse)``. A row holding +inf or NaN, or only -inf, is NaN (the
+    materialised semantics)."""
+    lse = torch.logsumexp(x, dim=1)
+    return x.sub_(lse.unsqueeze(1)), lse
+
+
+def _xlogy_sum(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v d_v per row, where p_v = 0 contributes 0 even if d_v is infinite (0 log 0 = 0); NaN stays NaN."""
+    return torch.where(p == 0, torch.zeros_like(d), p * d).sum(dim=1)
+
+
+def _times_p(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """p * d in place into ``d``, 0 where p = 0 (a token the student cannot emit gets no gradient)."""
+    return d.mul_(p).masked_fill_(p == 0, 0.0)
+
+
+def _block(s, t, opts: DistillOptions, g, valid):
+    """``(divergence, student entropy or None, lse_s, lse_t, aux)`` of one block of raw logits (aux: the per-row
+    KL that the gradient subtracts, see ``triton_distill``); with ``g`` (per-token upstream gradient of
+    the divergence) overwrites ``s`` with d(sum g . divergence) / d s, 0 at rows not ``valid``. Overwrites ``t``.
+
+    Non-finite logits: a row whose student or teacher LSE is not finite (+inf, NaN, all -inf) is NaN, value and
+    gradient, as materialised; -inf logits elsewhere are tokens of probability 0 (0 log 0 = 0).
+    """
+    inv_t = 1.0 / opts.temperature
+    log_s, lse_s = _log_softmax_(s.mul_(inv_t))
+    log_t, lse_t = _log_softmax_(t.mul_(inv_t))
+    bad = ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
+    p_s = log_s.exp()
+    entropy = -_xlogy_sum(p_s, log_s) if opts.entropy else None
+    if opts.kind == "forward_kl":
+        p_t = log_t.exp()
+        div = _xlogy_sum(p_t, log_t.sub_(log_s))
+        grad = p_s.sub_(p_t) if g is not None else None
+    elif opts.kind == "reverse_kl":
+        diff = log_s.sub_(log_t)
+        div = _xlogy_sum(p_s, diff)
+        grad = _times_p(p_s, diff.sub_(div.unsqueeze(1))) if g is not None else None
+    else:
+        beta = opts.beta
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        p_t = log_t.exp()
+        kl_t = _xlogy_sum(p_t, log_t.sub_(log_m))
+        diff = log_s.sub_(log_m)
+        kl_s = _xlogy_sum(p_s, diff)
+        div = beta * kl_t + (1.0 - beta) * kl_s
+        grad = _times_p(p_s, diff.sub_(kl_s.unsqueeze(1))).mul_(1.0 - beta) if g is not None else None
+    div = torch.where(bad, torch.full_like(div, math.nan), div)
+    aux = kl_s if opts.kind == "jsd" else div
+    if grad is not None:
+        scale = torch.where(bad, torch.full_like(g, math.nan), g * inv_t)
+        scale = torch.where(valid, scale, torch.zeros_like(scale))
+        s.copy_(grad.mul_(scale.unsqueeze(1)))
+    return div, entropy, lse_s, lse_t, aux
+
+
+def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
+         opts: DistillOptions, g, needs, chunk_rows):
+    n_rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+    acc = acc_dtype(student_hidden.dtype)
+    div = torch.empty(n_rows, dtype=acc, device=student_hidden.device)
+    ent = torch.zeros_like(div)
+    lse_s, lse_t, aux = torch.empty_like(div), torch.empty_like(div), torch.empty_like(div)
+    need_h, need_w, need_b = needs if g is not None else (False, False, False)
+    dh = torch.zeros_like(student_hidden) if need_h else None
+    dw = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_w else None
+    db = torch.zeros(vocab, dtype=acc, device=student_weight.device) if need_b else None
+    chunk_rows = chunk_rows or default_chunk_rows(vocab)
+    step = block_rows(vocab)
+    for start in range(0, n_rows, chunk_rows):
+        h = student_hidden[start:start + chunk_rows]
+        s = _logits(h, student_weight, student_bias)
+        t = _logits(teacher_hidden[start:start + chunk_rows], teacher_weight, teacher_bias)
+        for r0 in range(0, s.shape[0], step):
+            r = slice(r0, r0 + step)
+            rows = slice(start + r0, start + r0 + s[r].shape[0])
+            div[rows], block_ent, lse_s[rows], lse_t[rows], aux[rows] = _block(
+                s[r], t[r], opts, g[rows] if g is not None else None, valid[rows])
+            if block_ent is not None:
+                ent[rows] = block_ent
+        if need_h:
+            dh[start:start + chunk_rows] = s.to(student_weight.dtype) @ student_weight
+        if need_w:
+            dw.addmm_(s.T, h.to(acc))
+        if need_b:
+            db += s.sum(dim=0)
+    grads = (dh, dw.to(student_weight.dtype) if need_w else None, db.to(student_bias.dtype) if need_b else None)
+    return div, ent, lse_s, lse_t, aux, grads
+
+
+def forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
+            opts: DistillOptions, g=None, needs=(False, False, False), chunk_rows: int | None = None):
+    """Per-token ``(divergence, entropy, lse_s, lse_t, aux, (dh, dw, db))``, (N,) float32/float64.
+
+    The divergence and the student's entropy (zeros unless ``opts.entropy``) are 0 where ``valid`` is False;
+    ``lse_s``/``lse_t``/``aux`` are the quantities the Triton backward needs. With ``g`` (N,), the per-token
+    upstream gradient of the divergence, the student gradients named by ``needs`` are computed in the same pass
+    (input dtypes; None where not needed).
+    """
+    div, ent, lse_s, lse_t, aux, grads = _run(student_hidden, student_weight, student_bias, teacher_hidden,
+                                              teacher_weight, teacher_bias, valid, opts, g, needs, chunk_rows)
+    zeros = torch.zeros_like(div)
+    return torch.where(valid, div, zeros), torch.where(valid, ent, zeros), lse_s, lse_t, aux, grads
+
+
+def backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
+             opts: DistillOptions, g, needs, chunk_rows: int | None = None):
+    """``(dh, dw, db)`` of the student for the per-token upstream gradient ``g`` (N,), recomputing the logits.
+    Bit-reproducible; the Triton backend calls it in deterministic mode."""
+    return _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
+                opts, g, needs, chunk_rows)[-1]
