@@ -36,6 +36,8 @@ class CEOptions:
     z_loss: float = 0.0
     softcap: float | None = None
     filter_eps: float | None = None
+    # The V of label smoothing's eps / V: the whole vocabulary's size when a backend sees one shard of it.
+    smoothing_vocab: int | None = None
 
 
 @dataclass
@@ -83,7 +85,7 @@ def combine_loss(
     """
     loss = lse - (1.0 - opts.label_smoothing) * target_logit
     if opts.label_smoothing:
-        loss = loss - (opts.label_smoothing / vocab) * logit_sum
+        loss = loss - (opts.label_smoothing / (opts.smoothing_vocab or vocab)) * logit_sum
     if opts.z_loss:
         loss = loss + opts.z_loss * lse.square()
     loss = torch.where(lse == math.inf, torch.full_like(loss, math.nan), loss)
@@ -206,12 +208,14 @@ def prepare_inputs(
     *,
     ignore_index: int,
     shift: int,
+    allow_empty_vocab: bool = False,
 ) -> PreparedInputs:
     """Check types, shapes, dtypes and devices, cast under autocast, and flatten to 2-D without copying ``hidden``
     when its rows are contiguous.
 
     ``shift`` is applied to the targets only: row ``t`` of ``hidden`` is scored against ``targets[..., t + shift]``
     and the last ``shift`` positions of every sequence are ignored, so the (large) hidden states are never copied.
+    ``allow_empty_vocab``: ``weight`` is one rank's block of a sharded vocabulary, which may hold no rows.
     Autocast is applied before the dtype check, as ``F.linear`` would cast first and then multiply.
     """
     check_float("hidden", hidden)
@@ -224,7 +228,7 @@ def prepare_inputs(
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (..., D), got a scalar")
     vocab, dim = weight.shape
-    if vocab == 0:
+    if vocab == 0 and not allow_empty_vocab:  # a vocabulary-parallel shard may be empty, a whole vocabulary not
         raise ValueError("weight has V = 0 rows: the vocabulary must not be empty")
     if hidden.shape[-1] != dim:
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import parallel
 from ._common import autocast_inputs, check_options, prepare_inputs, resolve_filter_eps
 from .ops._library import is_strict
 
@@ -40,15 +41,25 @@ def _autocast(hidden, weight, bias):
 
 
 def _linear_cross_entropy(hidden, weight, targets, *, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                          shift, filter_eps, backend, lse_wanted: bool):
+                          shift, filter_eps, backend, process_group, lse_wanted: bool):
     check_options(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, shift=shift, backend=backend,
     )
-    inputs = prepare_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, shift=shift)
+    hidden, weight, bias, targets, shard = parallel.resolve(weight, bias, process_group, hidden=hidden,
+                                                            targets=targets)
+    inputs = prepare_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, shift=shift,
+                            allow_empty_vocab=shard is not None)
     h, w, b = inputs.hidden, inputs.weight, inputs.bias
     filter_eps = resolve_filter_eps(filter_eps, h.dtype)
     resolved = _resolve_backend(backend, h.device)
+    if shard is not None:
+        loss, lse = parallel.linear_cross_entropy(
+            h, w, b, inputs.targets, shard, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=resolved, strict=is_strict(),
+        )
+        lse = lse.reshape(inputs.target_shape)
+        return (loss.reshape(inputs.target_shape) if reduction == "none" else loss), lse
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and h.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad]
     # The torch backend applies the backward GEMMs during the forward when the upstream gradient is one scalar
@@ -77,6 +88,7 @@ def linear_cross_entropy_with_lse(
     shift: int = 0,
     filter_eps: float | str | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`linear_cross_entropy`, and also returns the per-token log-sum-exp of the final logits.
 
@@ -89,7 +101,7 @@ def linear_cross_entropy_with_lse(
     return _linear_cross_entropy(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift, filter_eps=filter_eps,
-        backend=backend, lse_wanted=True,
+        backend=backend, process_group=process_group, lse_wanted=True,
     )
 
 
@@ -107,6 +119,7 @@ def linear_cross_entropy(
     shift: int = 0,
     filter_eps: float | str | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets`` without materialising the logits.
 
@@ -143,6 +156,10 @@ def linear_cross_entropy(
             times ``1 - (s/softcap)**2 <= 1`` with a soft cap). The torch backend ignores it (exact gradients).
         backend: ``"triton"`` (fused kernels, CUDA tensors), ``"torch"`` (chunked pure PyTorch: O(chunk x V)
             extra memory, any device) or ``"auto"`` (triton for CUDA tensors, torch otherwise).
+        process_group: vocabulary parallelism: ``weight``/``bias`` are this rank's contiguous block of rows, ordered
+            by rank (sizes may differ), ``hidden`` and the global ``targets`` are the same on every rank; the loss
+            is the whole vocabulary's, ``hidden.grad`` the full gradient. A ``DTensor`` weight sharded ``Shard(0)``
+            on a 1-D mesh needs no group. See :mod:`largevocab.parallel` (gradient filtering is off there).
 
     Backward is deterministic (bit-identical across runs) under ``torch.use_deterministic_algorithms(True)``;
     otherwise the Triton backend accumulates dH/dW with atomics.
@@ -150,7 +167,7 @@ def linear_cross_entropy(
     loss, _ = _linear_cross_entropy(
         hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift, filter_eps=filter_eps,
-        backend=backend, lse_wanted=False,
+        backend=backend, process_group=process_group, lse_wanted=False,
     )
     return loss
 
@@ -174,6 +191,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         shift: int = 0,
         filter_eps: float | str | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         super().__init__()
         check_options(
@@ -184,7 +202,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             resolve_filter_eps(filter_eps, torch.float32)
         self.options = dict(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, shift=shift, filter_eps=filter_eps, backend=backend,
+            softcap=softcap, shift=shift, filter_eps=filter_eps, backend=backend, process_group=process_group,
         )
 
     def forward(
@@ -193,4 +211,4 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return linear_cross_entropy(hidden, weight, targets, bias=bias, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "process_group")

@@ -69,9 +69,14 @@ def _block_rows(vocab: int) -> int:
     return max(1, CACHE_BLOCK_ELEMENTS // vocab)
 
 
-def _stats_and_grad(s, targets, valid, opts: CEOptions, g, gl):
-    """Reduce a block of raw logits ``s`` (rows, V) in place; returns (loss, lse), and with ``g`` (per-token
-    upstream gradient of the loss, 0 at ignored rows) overwrites ``s`` with d(g . loss + gl . lse) / d z.
+def _stats_and_grad(s, targets, valid, opts: CEOptions, g, gl, owned=None, lse_ext=None):
+    """Reduce a block of raw logits ``s`` (rows, V) in place; returns (loss, lse, target logit, logit sum or None),
+    and with ``g`` (per-token upstream gradient of the loss, 0 at ignored rows) overwrites ``s`` with
+    d(g . loss + gl . lse) / d z.
+
+    For one shard of a vocabulary (:mod:`largevocab.parallel`): ``owned`` marks the rows whose target lies in this
+    shard (the others get target logit 0 and no one-hot term), and ``lse_ext`` is the whole vocabulary's LSE, which
+    the softmax of the gradient uses instead of the shard's own.
 
     Non-finite logits behave as in the materialised computation: a +inf logit makes lse +inf and the loss and the
     row's gradient NaN (``F.cross_entropy``'s log-softmax); a row of -inf gives lse -inf and NaN.
@@ -83,6 +88,8 @@ def _stats_and_grad(s, targets, valid, opts: CEOptions, g, gl):
             cap_grad = 1.0 - s.square()
         s.mul_(opts.softcap)
     target_logit = s.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if owned is not None:
+        target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
     logit_sum = s.sum(dim=1) if opts.label_smoothing else None
     row_max = s.amax(dim=1)
     # Shifting an infinite row by its max would give inf - inf = NaN; shifting by 0 yields torch.logsumexp's
@@ -92,36 +99,46 @@ def _stats_and_grad(s, targets, valid, opts: CEOptions, g, gl):
     lse = sum_exp.log().add_(shift)
     loss = combine_loss(lse, target_logit, logit_sum, valid, opts, s.shape[1])
     if g is None:
-        return loss, lse
+        return loss, lse, target_logit, logit_sum
+    lse_p = lse if lse_ext is None else lse_ext
     # d loss_n / d s_v = a_n p_v - (1 - eps) [v = y_n] - eps / V with a_n = 1 + 2 z lse_n; p_v = exp_v / sum_exp.
-    coef = g * (1.0 + 2.0 * opts.z_loss * lse) if opts.z_loss else g
+    coef = g * (1.0 + 2.0 * opts.z_loss * lse_p) if opts.z_loss else g
     if gl is not None:
         coef = coef + gl
-    scale = coef / sum_exp
+    # p_v = exp(s_v - shift) * exp(shift - lse_p); for the block's own LSE that is exp_v / sum_exp.
+    scale = coef / sum_exp if lse_ext is None else coef * torch.exp(shift - lse_ext)
     # A +inf logit: the materialised loss gradient is NaN for the whole row (its log-softmax is NaN). The LSE's own
     # gradient, gl * exp(s - lse), is then NaN only at the +inf entries, as torch.logsumexp's: left as computed.
-    scale = torch.where((lse == math.inf) & (g != 0), torch.full_like(scale, math.nan), scale)
+    scale = torch.where((lse_p == math.inf) & (g != 0), torch.full_like(scale, math.nan), scale)
     ds = s.mul_(scale.unsqueeze(1))
     rows = torch.arange(ds.shape[0], device=ds.device)
-    ds[rows, targets] -= g * (1.0 - opts.label_smoothing)
+    g_target = g if owned is None else torch.where(owned, g, torch.zeros_like(g))
+    ds[rows, targets] -= g_target * (1.0 - opts.label_smoothing)
     if opts.label_smoothing:
-        ds.sub_((g * (opts.label_smoothing / ds.shape[1])).unsqueeze(1))
+        ds.sub_((g * (opts.label_smoothing / (opts.smoothing_vocab or ds.shape[1]))).unsqueeze(1))
     if cap_grad is not None:
         ds.mul_(cap_grad)
-    return loss, lse
+    return loss, lse, target_logit, logit_sum
 
 
-def _chunk(h, weight, bias, targets, valid, opts, g, gl, needs, dh_out, dw, db):
-    """Loss and LSE of one chunk of rows; with ``g``, also writes dH rows into ``dh_out`` and adds to dw / db."""
+def _chunk(h, weight, bias, targets, valid, opts, g, gl, needs, dh_out, dw, db, owned=None, lse_ext=None):
+    """Per-token (loss, lse, target logit, logit sum) of one chunk of rows; with ``g``, also writes dH rows into
+    ``dh_out`` and adds to dw / db."""
     s = _logits(h, weight, bias)
-    loss = torch.empty(s.shape[0], dtype=s.dtype, device=s.device)
-    lse = torch.empty_like(loss)
+    n = s.shape[0]
+    loss, lse, tgt = (torch.empty(n, dtype=s.dtype, device=s.device) for _ in range(3))
+    lsum = torch.empty(n, dtype=s.dtype, device=s.device) if opts.label_smoothing else None
     step = _block_rows(s.shape[1])
-    for r0 in range(0, s.shape[0], step):
+    for r0 in range(0, n, step):
         r = slice(r0, r0 + step)
-        loss[r], lse[r] = _stats_and_grad(
-            s[r], targets[r], valid[r], opts, g[r] if g is not None else None, gl[r] if gl is not None else None
-        )
+
+        def part(t, r=r):
+            return t[r] if t is not None else None
+
+        loss[r], lse[r], tgt[r], block_sum = _stats_and_grad(
+            s[r], targets[r], valid[r], opts, part(g), part(gl), part(owned), part(lse_ext))
+        if lsum is not None:
+            lsum[r] = block_sum
     if g is not None:
         need_h, need_w, need_b = needs
         if need_h:
@@ -130,7 +147,7 @@ def _chunk(h, weight, bias, targets, valid, opts, g, gl, needs, dh_out, dw, db):
             dw.addmm_(s.T, h.to(dw.dtype))
         if need_b:
             db += s.sum(dim=0)
-    return loss, lse
+    return loss, lse, tgt, lsum
 
 
 def _grad_buffers(hidden, weight, needs):
@@ -142,11 +159,11 @@ def _grad_buffers(hidden, weight, needs):
     return dh, dw, db
 
 
-def _run(hidden, weight, bias, targets, valid, opts, g, gl, needs, chunk_rows):
+def _run(hidden, weight, bias, targets, valid, opts, g, gl, needs, chunk_rows, owned=None, lse_ext=None):
     n_rows = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
-    loss = torch.empty(n_rows, dtype=acc, device=hidden.device)
-    lse = torch.empty(n_rows, dtype=acc, device=hidden.device)
+    loss, lse, tgt = (torch.empty(n_rows, dtype=acc, device=hidden.device) for _ in range(3))
+    lsum = torch.empty(n_rows, dtype=acc, device=hidden.device) if opts.label_smoothing else None
     dh, dw, db = (None, None, None)
     if g is not None:
         g = torch.where(valid, g, torch.zeros_like(g))
@@ -154,16 +171,21 @@ def _run(hidden, weight, bias, targets, valid, opts, g, gl, needs, chunk_rows):
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        loss[rows], lse[rows] = _chunk(
-            hidden[rows], weight, bias, targets[rows], valid[rows], opts,
-            g[rows] if g is not None else None, gl[rows] if gl is not None else None, needs,
-            dh[rows] if dh is not None else None, dw, db,
+
+        def part(t, rows=rows):
+            return t[rows] if t is not None else None
+
+        loss[rows], lse[rows], tgt[rows], chunk_sum = _chunk(
+            hidden[rows], weight, bias, targets[rows], valid[rows], opts, part(g), part(gl), needs, part(dh), dw, db,
+            part(owned), part(lse_ext),
         )
+        if lsum is not None:
+            lsum[rows] = chunk_sum
     if dw is not None:
         dw = dw.to(weight.dtype)
     if db is not None:
         db = db.to(bias.dtype)
-    return loss, lse, dh, dw, db
+    return (loss, lse, tgt, lsum), (dh, dw, db)
 
 
 def forward(hidden, weight, bias, targets, valid, opts: CEOptions, g=None, needs=(False, False, False),
@@ -175,13 +197,24 @@ def forward(hidden, weight, bias, targets, valid, opts: CEOptions, g=None, needs
     upstream gradient of the loss, the gradients named by ``needs`` = (dH, dW, dbias) are computed in the same pass
     (in the input dtypes; None where not needed); without it they are None.
     """
-    return _run(hidden, weight, bias, targets, valid, opts, g, None, needs, chunk_rows)
+    (loss, lse, _, _), grads = _run(hidden, weight, bias, targets, valid, opts, g, None, needs, chunk_rows)
+    return (loss, lse, *grads)
 
 
-def backward(hidden, weight, bias, targets, valid, opts: CEOptions, g, gl, needs, chunk_rows: int | None = None):
+def stats(hidden, weight, bias, targets, owned, opts: CEOptions, chunk_rows: int | None = None):
+    """Per-token ``(lse, target logit, logit sum or None)`` of one vocabulary shard (``owned``: rows whose target,
+    a local id, is in it; the others get target logit 0)."""
+    valid = torch.ones_like(owned)
+    (_, lse, tgt, lsum), _ = _run(hidden, weight, bias, targets, valid, opts, None, None, (False,) * 3, chunk_rows,
+                                  owned)
+    return lse, tgt, lsum
+
+
+def backward(hidden, weight, bias, targets, valid, opts: CEOptions, g, gl, needs, chunk_rows: int | None = None,
+             owned=None, lse_ext=None):
     """``(dh, dw, db)`` for per-token upstream gradients ``g`` of the loss and ``gl`` of the LSE (either may be
-    None), recomputing the logits chunk by chunk."""
+    None), recomputing the logits chunk by chunk. ``owned``/``lse_ext``: see :func:`_stats_and_grad`."""
     if g is None:
         g = torch.zeros(hidden.shape[0], dtype=acc_dtype(hidden.dtype), device=hidden.device)
-    _, _, dh, dw, db = _run(hidden, weight, bias, targets, valid, opts, g, gl, needs, chunk_rows)
-    return dh, dw, db
+    _, grads = _run(hidden, weight, bias, targets, valid, opts, g, gl, needs, chunk_rows, owned, lse_ext)
+    return grads

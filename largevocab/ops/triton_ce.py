@@ -461,7 +461,7 @@ def _params(opts: CEOptions, vocab: int, dtype: torch.dtype, device: torch.devic
     values = [0.0] * 4
     values[PARAM_SOFTCAP] = opts.softcap or 1.0
     values[PARAM_ONE_MINUS_EPS] = 1.0 - opts.label_smoothing
-    values[PARAM_EPS_OVER_V] = opts.label_smoothing / vocab
+    values[PARAM_EPS_OVER_V] = opts.label_smoothing / (opts.smoothing_vocab or vocab)
     values[PARAM_FILTER_EPS] = opts.filter_eps or 0.0
     return torch.tensor(values, dtype=dtype, device=device)
 

@@ -1,0 +1,229 @@
+"""Custom ops of the vocabulary-parallel losses: each rank holds a contiguous block of the vocabulary's rows.
+
+The collectives run inside the ops (a process group is named by its ``group_name``, which a custom-op schema can
+carry), so ``torch.compile`` sees opaque nodes. Every rank calls every collective in the same order with tensors of
+the same shape, whatever its shard holds (an empty shard included), so no rank can wait alone.
+
+* ``vp_linear_cross_entropy`` (+ its backward): exact CE. Forward: the shard's per-token log-sum-exp, target logit
+  (0 where the target is elsewhere) and logit sum; one MAX all-reduce of the LSE and one SUM all-reduce of
+  ``[exp(lse_r - max), target logit, logit sum]`` give the global ones (O(N) floats). Backward: the shard's
+  gradient from the *global* LSE (so its softmax is the whole vocabulary's), then one SUM all-reduce of dH (N x D).
+* ``vp_logsumexp`` / ``vp_sum`` / ``vp_copy``: differentiable collectives for composing the other losses:
+  a log-sum-exp and a sum over ranks whose backward is local (every rank holds the same reduced value and the same
+  upstream gradient, so d/dx_r needs no communication), and an identity whose backward sums the gradient over
+  ranks (Megatron's "copy to the tensor-parallel region", for the replicated hidden states).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from .._common import CEOptions, acc_dtype
+from . import torch_ce
+from ._library import LIBRARY, _ce_backend, _grads_or_empty, _reduce, _token_grad, check_targets, poison
+
+
+def _group(group_name: str):
+    return _resolve_process_group(group_name)
+
+
+def all_reduce_logsumexp(x: torch.Tensor, group) -> torch.Tensor:
+    """``log(sum_r exp(x_r))`` elementwise over the ranks, with torch.logsumexp's +inf / -inf / NaN."""
+    peak = x.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+    total = torch.exp(x - shift)
+    dist.all_reduce(total, group=group)
+    return total.log() + shift
+
+
+def _local_targets(targets, valid, offset: int, size: int):
+    """This shard's view of global targets: local ids where owned, ``owned`` (N,) bool."""
+    local = targets - offset
+    owned = valid & (local >= 0) & (local < size)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+# ------------------------------------------------------------------------------------------------ exact CE
+
+
+def _shard_stats(hidden, weight, bias, local, owned, opts: CEOptions, backend: str):
+    n = hidden.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    if weight.shape[0] == 0:  # an empty shard: no logits, lse -inf
+        zeros = hidden.new_zeros(n, dtype=acc)
+        return torch.full_like(zeros, -math.inf), zeros, zeros if opts.label_smoothing else None
+    if _ce_backend(backend, hidden) == "triton":
+        from . import triton_ce
+
+        h, w = triton_ce._rows_contiguous(hidden), triton_ce._rows_contiguous(weight)
+        b = bias.contiguous() if bias is not None else None
+        marked = torch.where(owned, local, torch.full_like(local, -1)).contiguous()  # -1 matches no column
+        return triton_ce._forward(h, w, b, marked, opts)
+    return torch_ce.stats(hidden, weight, bias, local, owned, opts)
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_linear_cross_entropy", mutates_args=())
+def vp_linear_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int,
+    reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, backend: str, group_name: str,
+    offset: int, vocab: int, strict: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` of the whole vocabulary from this rank's rows ``[offset, offset + V_r)`` of it."""
+    group = _group(group_name)
+    opts = CEOptions(label_smoothing, z_loss, softcap, None, smoothing_vocab=vocab)
+    _, valid, bad = check_targets(targets, vocab, ignore_index, strict)
+    local, owned = _local_targets(targets, valid, offset, weight.shape[0])
+    lse_r, tgt_r, sum_r = _shard_stats(hidden, weight, bias, local, owned, opts, backend)
+    lse = all_reduce_logsumexp(lse_r, group)
+    parts = torch.stack([tgt_r] + ([sum_r] if opts.label_smoothing else []))
+    dist.all_reduce(parts, group=group)
+    from .._common import combine_loss
+
+    loss = combine_loss(lse, parts[0], parts[1] if opts.label_smoothing else None, valid, opts, vocab)
+    return _reduce(poison(loss, bad, per_row=True), valid, reduction), lse
+
+
+@vp_linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, group_name,
+      offset, vocab, strict):
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    return hidden.new_empty((n,) if reduction == "none" else (), dtype=acc), hidden.new_empty((n,), dtype=acc)
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_linear_cross_entropy_backward", mutates_args=())
+def vp_linear_cross_entropy_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
+    grad_tokens: torch.Tensor | None, grad_lse: torch.Tensor | None, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: float | None, backend: str, group_name: str, offset: int, vocab: int, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dh, dw, db)``: dH summed over the ranks (the full gradient), dW and dbias of this shard's rows."""
+    group = _group(group_name)
+    opts = CEOptions(label_smoothing, z_loss, softcap, None, smoothing_vocab=vocab)
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    valid = valid & ~bad
+    local, owned = _local_targets(targets, valid, offset, weight.shape[0])
+    g = grad_tokens
+    if g is not None:
+        g = poison(g.to(lse.dtype), bad if bad.device.type == "cuda" else None, per_row=True).contiguous()
+    need_h, need_w, need_b = needs
+    if weight.shape[0] == 0:
+        grads = (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                 torch.zeros_like(bias) if need_b else None)
+    elif _ce_backend(backend, hidden) == "triton":
+        from . import triton_ce
+
+        marked = torch.where(owned, local, torch.full_like(local, -1))
+        grads = triton_ce.backward(hidden, weight, bias, marked, valid, lse, opts, g, grad_lse, tuple(needs))
+    else:
+        grads = torch_ce.backward(hidden, weight, bias, local, valid, opts, g, grad_lse, tuple(needs), owned=owned,
+                                  lse_ext=lse)
+    dh, dw, db = grads
+    if need_h:
+        # Every rank runs this all-reduce: requires_grad of hidden must agree across the group.
+        dh = dh.contiguous()
+        dist.all_reduce(dh, group=group)
+    return _grads_or_empty((dh, dw, db), (hidden, weight, weight))
+
+
+@vp_linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, grad_tokens, grad_lse, ignore_index, label_smoothing, z_loss, softcap,
+      backend, group_name, offset, vocab, needs):
+    grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else None)
+    return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)],
+                           (hidden, weight, weight))
+
+
+def _vp_ce_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, group_name,
+     offset, vocab, strict) = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.set_materialize_grads(False)
+    ctx.config = (ignore_index, reduction, label_smoothing, z_loss, softcap, backend, group_name, offset, vocab)
+
+
+def _vp_ce_backward(ctx, g_loss, g_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    ignore_index, reduction, label_smoothing, z_loss, softcap, backend, group_name, offset, vocab = ctx.config
+    needs = tuple(ctx.needs_input_grad[:3])
+    if g_loss is None and g_lse is None:
+        return (None,) * 14
+    g = _token_grad(g_loss, targets != ignore_index, reduction)
+    grads = torch.ops.largevocab.vp_linear_cross_entropy_backward(
+        hidden, weight, bias, targets, lse, g, g_lse, ignore_index, label_smoothing, z_loss, softcap, backend,
+        group_name, offset, vocab, list(needs))
+    return (*(t if need else None for t, need in zip(grads, needs, strict=True)), *(None,) * 11)
+
+
+vp_linear_cross_entropy_op.register_autograd(_vp_ce_backward, setup_context=_vp_ce_setup_context)
+
+
+# ------------------------------------------------------------------------------- differentiable collectives
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_logsumexp", mutates_args=())
+def vp_logsumexp_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """``log(sum_r exp(x_r))`` over the ranks; backward ``exp(x_r - y)`` times the (replicated) upstream grad."""
+    return all_reduce_logsumexp(x.contiguous(), _group(group_name))
+
+
+@vp_logsumexp_op.register_fake
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+def _lse_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output)
+
+
+def _lse_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    # A shard with no entry (x = -inf) gets no gradient, even where y is -inf too.
+    weight = torch.where(x == -math.inf, torch.zeros_like(x), torch.exp(x - y))
+    return grad * weight, None
+
+
+vp_logsumexp_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_sum", mutates_args=())
+def vp_sum_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum over the ranks; backward: the upstream gradient itself (it is the same on every rank)."""
+    out = x.clone().contiguous()
+    dist.all_reduce(out, group=_group(group_name))
+    return out
+
+
+@vp_sum_op.register_fake
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+vp_sum_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_copy", mutates_args=())
+def vp_copy_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Identity; backward sums the gradient over the ranks (each rank's shard contributes part of it)."""
+    return x.clone()
+
+
+@vp_copy_op.register_fake
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+def _copy_setup(ctx, inputs, output):
+    ctx.group_name = inputs[1]
+
+
+def _copy_backward(ctx, grad):
+    return torch.ops.largevocab.vp_sum(grad, ctx.group_name), None
+
+
+vp_copy_op.register_autograd(_copy_backward, setup_context=_copy_setup)
