@@ -459,7 +459,7 @@ def _as_addend(lazy, x):
     scalar = _as_scalar(x)
     if scalar is not None:
         return scalar
-    if (torch.is_tensor(x) and not isinstance(x, LazyLogits) and 0 < x.ndim <= lazy.ndim and not x.is_complex()
+    if (torch.is_tensor(x) and not isinstance(x, LazyLogits) and x.ndim > 0 and not x.is_complex()
             and x.shape[-1] == lazy._lv_vocab and all(s == 1 for s in x.shape[:-1])):
         return x.reshape(-1)
     return None
@@ -511,7 +511,13 @@ def _binary(func, args, kwargs, kind, *, inplace=False, divide=False, subtract=F
     if dtype is None:
         return NotImplemented
     op = TapeOp(effects, func, tuple(_SELF if a is lazy else a for a in args), kwargs)
-    return _record_inplace(lazy, op) if inplace else _derive(lazy, op=op, dtype=dtype)
+    if inplace:
+        return _record_inplace(lazy, op)
+    extra = other.ndim - lazy.ndim if torch.is_tensor(other) else 0
+    if extra > 0:  # broadcasting against (1, ..., 1, V) adds leading unit dimensions
+        hidden = lazy._lv_hidden.reshape((1,) * extra + tuple(lazy._lv_hidden.shape))
+        return _derive(lazy, hidden=hidden, op=op, dtype=dtype)
+    return _derive(lazy, op=op, dtype=dtype)
 
 
 def _register_binary(funcs, kind, **flags):

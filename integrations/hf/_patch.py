@@ -68,14 +68,25 @@ def _unwrap_head(module):
     return module
 
 
-def output_layer(model):
-    """``(caller, head)``: the module the model calls for its logits, and the one under its wrappers."""
+def _own_output_layer(model):
     getter = getattr(model, "get_output_embeddings", None)
     caller = getter() if callable(getter) else None
-    if not isinstance(caller, torch.nn.Module):
+    return caller if isinstance(caller, torch.nn.Module) else None
+
+
+def output_layer(model):
+    """``(caller, head)``: the module the model calls for its logits, and the one under its wrappers.
+
+    A model without one of its own that wraps exactly one model with one (a VLM calling its inner causal LM without
+    labels and computing the loss on its logits) uses that one."""
+    caller = _own_output_layer(model)
+    if caller is None:
+        nested = {id(c): c for c in (_own_output_layer(m) for m in model.children()) if c is not None}
+        caller = next(iter(nested.values())) if len(nested) == 1 else None
+    if caller is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no output layer (get_output_embeddings() returned {caller!r}): there is "
-            "no linear head to fuse with the loss")
+            f"{type(model).__name__} has no output layer (get_output_embeddings() returned None, and no single "
+            "submodule has one): there is no linear head to fuse with the loss")
     head = _unwrap_head(caller)
     if effective_linear(head) is None and not is_peft_wrapper(head):
         raise UnsupportedModelError(
