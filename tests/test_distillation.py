@@ -19,14 +19,18 @@ IGNORE = -100
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
-def make_inputs(lead=(251,), d_s=67, d_t=123, v=3001, *, dtype=torch.float64, bias=False, ignore_every=7, seed=0):
+def make_inputs(lead=(251,), d_s=67, d_t=123, v=3001, *, dtype=torch.float64, bias=False, ignore_every=7, seed=0,
+                scale=3.0, related=True):
     """Student and teacher share a part of their logits (the teacher's head starts from the student's), so the
-    divergences are O(1) rather than dominated by unrelated distributions."""
+    divergences are O(1) rather than dominated by unrelated distributions; ``related=False``: independent heads."""
     gen = torch.Generator().manual_seed(seed)
     hs = torch.randn(*lead, d_s, generator=gen, dtype=torch.float64)
-    ws = torch.randn(v, d_s, generator=gen, dtype=torch.float64) * (3.0 / d_s**0.5)
+    ws = torch.randn(v, d_s, generator=gen, dtype=torch.float64) * (scale / d_s**0.5)
     ht = torch.cat([hs, torch.randn(*lead, d_t - d_s, generator=gen, dtype=torch.float64)], dim=-1)
-    wt = torch.cat([ws, torch.randn(v, d_t - d_s, generator=gen, dtype=torch.float64) * (2.0 / d_t**0.5)], dim=-1)
+    wt = torch.cat([ws, torch.randn(v, d_t - d_s, generator=gen, dtype=torch.float64) * (scale / 1.5 / d_t**0.5)],
+                   dim=-1)
+    if not related:
+        wt = torch.randn(v, d_t, generator=gen, dtype=torch.float64) * (scale / d_t**0.5)
     targets = torch.randint(0, v, lead, generator=gen)
     if ignore_every:
         targets.view(-1)[::ignore_every] = IGNORE
@@ -126,8 +130,8 @@ def test_triton_vocabulary_splits_merge(splits, kind):
     valid = targets != IGNORE
     opts = torch_distill.DistillOptions(kind=kind, beta=0.3, temperature=0.6, entropy=True)
     got = triton_distill.forward(*student, *teacher, valid, opts, splits=splits)
-    want = torch_distill.forward(*student, *teacher, valid, opts)[:5]
-    for a, b in zip(got, want, strict=True):  # divergence, student entropy, both LSEs, the backward's KL
+    want = torch_distill.forward(*student, *teacher, valid, opts)[:4]
+    for a, b in zip(got, want, strict=True):  # divergence, student entropy, both normalisers, the backward's KL
         torch.testing.assert_close(a, b, **TOL)
     ent = ref.log_probs(student[0], student[1], targets, bias=student[2], temperature=0.6, return_entropy=True)[1]
     torch.testing.assert_close(got[1], ent, **TOL)
@@ -148,11 +152,15 @@ def test_triton_deterministic_mode_is_bitwise_reproducible():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.bfloat16, 3.0), (torch.float16, 3.0), (torch.float32, 3.0),
+                                              (torch.float32, 25.0)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_low_precision_three_way(backend, dtype, kind):
-    """error(ours, fp64) <= 2 * error(torch at the same dtype, fp64) + small atol, loss and student gradients."""
-    student, teacher, targets = make_inputs(v=1031, dtype=dtype, bias=True)
+def test_low_precision_three_way(backend, dtype, scale, kind):
+    """error(ours, fp64) <= 2 * error(torch at the same dtype, fp64) + small atol, loss and student gradients.
+
+    ``scale`` 25 with unrelated heads gives logits of +-80 and KLs of ~50: there a normaliser rounded to one
+    float32 number (lse instead of (max, log sum)) made the reverse-KL gradient 5x less accurate than torch's."""
+    student, teacher, targets = make_inputs(v=1031, dtype=dtype, bias=True, scale=scale, related=scale < 10)
     opts = dict(kind=kind, beta=0.3, temperature=0.9, reduction="none")
     upstream = torch.rand(targets.shape)
 
@@ -167,8 +175,9 @@ def test_low_precision_three_way(backend, dtype, kind):
     def err(x, want):
         return ((x.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
 
+    atol = 1e-6 if dtype != torch.float32 else 1e-7
     for name, a, b, c in zip(["loss", "dH", "dW", "db"], ours, same, exact, strict=True):
-        assert err(a, c) <= 2 * err(b, c) + 1e-6, name
+        assert err(a, c) <= 2 * err(b, c) + atol, name
     assert all(g.dtype == dtype for g in ours[1:])
 
 

@@ -41,25 +41,27 @@ def linear_log_probs_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     ignore_index: int, softcap: float | None, temperature: float, entropy: bool, backend: str, strict: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, entropy, lse)`` per token (N,); ``entropy`` is zeros unless asked for, ``lse`` is for backward."""
+    """``(logp, entropy, norm)``: per token (N,), ``entropy`` zeros unless asked for; ``norm`` (2, N), each row's
+    softmax normaliser ``(c, log sum e^(s - c))``, is for backward."""
     opts = LogProbOptions(softcap, temperature, entropy)
     safe, valid, bad = check_targets(targets, weight.shape[0], ignore_index, strict)
     with torch.autocast(hidden.device.type, enabled=False):
-        logp, ent, lse = _log_probs_module(_backend(backend, hidden)).forward(hidden, weight, bias, safe, valid, opts)
-    return poison(logp, bad, per_row=True), poison(ent, bad, per_row=True), lse
+        logp, ent, norm = _log_probs_module(_backend(backend, hidden)).forward(hidden, weight, bias, safe, valid,
+                                                                               opts)
+    return poison(logp, bad, per_row=True), poison(ent, bad, per_row=True), norm
 
 
 @linear_log_probs_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, softcap, temperature, entropy, backend, strict):
     n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
-    return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(3))
+    return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((2, n), dtype=acc)
 
 
 def _log_probs_setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, ignore_index, softcap, temperature, entropy, backend, strict = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.mark_non_differentiable(lse)
+    _, ent, norm = output
+    ctx.save_for_backward(hidden, weight, bias, targets, norm, ent)
+    ctx.mark_non_differentiable(norm)
     if not entropy:
         ctx.mark_non_differentiable(ent)
     ctx.set_materialize_grads(False)
@@ -67,8 +69,8 @@ def _log_probs_setup_context(ctx, inputs, output):
     ctx.config = (ignore_index, backend)
 
 
-def _log_probs_backward(ctx, g_logp, g_ent, _g_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+def _log_probs_backward(ctx, g_logp, g_ent, _g_norm):
+    hidden, weight, bias, targets, norm, ent = ctx.saved_tensors
     ignore_index, backend = ctx.config
     needs = tuple(ctx.needs_input_grad[:3])
     rest = (None,) * 7
@@ -79,10 +81,10 @@ def _log_probs_backward(ctx, g_logp, g_ent, _g_lse):
         grads = (hidden, weight, bias)
         return (*(torch.empty_like(t) if need else None for t, need in zip(grads, needs, strict=True)), *rest)
     safe, valid, bad = rechecked_targets(targets, weight.shape[0], ignore_index)
-    g_logp, g_ent = (poison(g.to(lse.dtype), bad, per_row=True) if g is not None else None for g in (g_logp, g_ent))
+    g_logp, g_ent = (poison(g.to(norm.dtype), bad, per_row=True) if g is not None else None for g in (g_logp, g_ent))
     with torch.autocast(hidden.device.type, enabled=False):
         grads = _log_probs_module(_backend(backend, hidden)).backward(
-            hidden, weight, bias, safe, valid, lse, ent, ctx.opts, g_logp, g_ent, needs)
+            hidden, weight, bias, safe, valid, norm, ent, ctx.opts, g_logp, g_ent, needs)
     return (*grads, *rest)
 
 
@@ -126,11 +128,11 @@ def linear_distillation_op(
     teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
     valid: torch.Tensor, kind: str, beta: float, temperature: float, reduction: str, entropy: bool, backend: str,
     precompute: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """``(loss, entropy, lse_s, lse_t, aux, dh, dw, db)``: the reduced (or per-token) divergence, the student's
-    per-token entropy (zeros unless asked), what the Triton backward needs, and where ``precompute`` asks (torch
-    backend, scalar reductions) the student's gradients for a unit upstream gradient (empty otherwise)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, entropy, norm, aux, dh, dw, db)``: the reduced (or per-token) divergence, the student's per-token
+    entropy (zeros unless asked), what the Triton backward needs (both softmax normalisers (4, N), a per-row KL),
+    and where ``precompute`` asks (torch backend, scalar reductions) the student's gradients for a unit upstream
+    gradient (empty otherwise)."""
     opts = DistillOptions(kind, beta, temperature, entropy)
     heads = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     grads = (None, None, None)
@@ -138,17 +140,17 @@ def linear_distillation_op(
         if any(precompute):
             g = _token_grad(torch.ones((), dtype=acc_dtype(student_hidden.dtype), device=student_hidden.device),
                             valid, reduction)
-            div, ent, lse_s, lse_t, aux, grads = torch_distill.forward(*heads, valid, opts, g=g.contiguous(),
-                                                                       needs=tuple(precompute))
+            div, ent, norm, aux, grads = torch_distill.forward(*heads, valid, opts, g=g.contiguous(),
+                                                               needs=tuple(precompute))
         elif _backend(backend, student_hidden) == "triton":
             from . import triton_distill
 
-            div, ent, lse_s, lse_t, aux = triton_distill.forward(*heads, valid, opts)
+            div, ent, norm, aux = triton_distill.forward(*heads, valid, opts)
         else:
-            div, ent, lse_s, lse_t, aux, _ = torch_distill.forward(*heads, valid, opts)
+            div, ent, norm, aux, _ = torch_distill.forward(*heads, valid, opts)
     dh, dw, db = (t if t is not None else _empty(ref)
                   for t, ref in zip(grads, (student_hidden, student_weight, student_weight), strict=True))
-    return _reduce(div, valid, reduction), ent, lse_s, lse_t, aux, dh, dw, db
+    return _reduce(div, valid, reduction), ent, norm, aux, dh, dw, db
 
 
 @linear_distillation_op.register_fake
@@ -156,28 +158,29 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
       temperature, reduction, entropy, backend, precompute):
     n, acc = student_hidden.shape[0], acc_dtype(student_hidden.dtype)
     loss = student_hidden.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    per_token = [student_hidden.new_empty((n,), dtype=acc) for _ in range(4)]
+    ent, aux = student_hidden.new_empty((n,), dtype=acc), student_hidden.new_empty((n,), dtype=acc)
+    norm = student_hidden.new_empty((4, n), dtype=acc)
     grads = [torch.empty_like(t) if asked else _empty(ref) for t, ref, asked in zip(
         (student_hidden, student_weight, student_bias if student_bias is not None else student_weight),
         (student_hidden, student_weight, student_weight), precompute, strict=True)]
-    return loss, *per_token, *grads
+    return loss, ent, norm, aux, *grads
 
 
 def _distill_setup_context(ctx, inputs, output):
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid, kind, beta,
      temperature, reduction, entropy, backend, precompute) = inputs
-    _, ent, lse_s, lse_t, aux, dh, dw, db = output
+    _, ent, norm, aux, dh, dw, db = output
     ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                          valid, lse_s, lse_t, aux, dh, dw, db)
-    ctx.mark_non_differentiable(ent, lse_s, lse_t, aux, dh, dw, db)
+                          valid, norm, aux, dh, dw, db)
+    ctx.mark_non_differentiable(ent, norm, aux, dh, dw, db)
     ctx.set_materialize_grads(False)
     ctx.opts = DistillOptions(kind, beta, temperature, entropy)
     ctx.config = (reduction, backend, any(precompute))
 
 
 def _distill_backward(ctx, g_loss, *_):
-    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid, lse_s, lse_t,
-     aux, dh, dw, db) = ctx.saved_tensors
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid, norm, aux, dh,
+     dw, db) = ctx.saved_tensors
     reduction, backend, precomputed = ctx.config
     needs = tuple(ctx.needs_input_grad[:3])
     rest = (None,) * 11  # the teacher (no gradient by definition) and the options
@@ -190,13 +193,13 @@ def _distill_backward(ctx, g_loss, *_):
     heads = (student_hidden, student_weight, student_bias)
     if student_hidden.device.type == "meta":
         return (*(torch.empty_like(t) if need else None for t, need in zip(heads, needs, strict=True)), *rest)
-    g = _token_grad(g_loss, valid, reduction).to(lse_s.dtype).contiguous()
+    g = _token_grad(g_loss, valid, reduction).to(norm.dtype).contiguous()
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
     with torch.autocast(student_hidden.device.type, enabled=False):
         if _backend(backend, student_hidden) == "triton":
             from . import triton_distill
 
-            grads = triton_distill.backward(*heads, *teacher, valid, lse_s, lse_t, aux, ctx.opts, g, needs)
+            grads = triton_distill.backward(*heads, *teacher, valid, norm, aux, ctx.opts, g, needs)
         else:
             grads = torch_distill.backward(*heads, *teacher, valid, ctx.opts, g, needs)
     return (*grads, *rest)

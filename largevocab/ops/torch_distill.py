@@ -47,10 +47,14 @@ def default_chunk_rows(vocab: int) -> int:
 
 
 def _log_softmax_(x: torch.Tensor):
-    """Row-wise log-softmax in place; returns ``(x, lse)``. A row holding +inf or NaN, or only -inf, is NaN (the
-    materialised semantics)."""
-    lse = torch.logsumexp(x, dim=1)
-    return x.sub_(lse.unsqueeze(1)), lse
+    """Row-wise log-softmax in place as ``(x - c) - log sum e^(x - c)``, c the row max (0 where infinite), exact to
+    the rounding of ``x - c`` like ``torch.log_softmax``; returns ``(x, c, log sum)``. A row holding +inf or NaN, or
+    only -inf, is NaN (the materialised semantics)."""
+    row_max = x.amax(dim=1)
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    x = x.sub_(shift.unsqueeze(1))
+    log_sum = torch.logsumexp(x, dim=1)
+    return x.sub_(log_sum.unsqueeze(1)), shift, log_sum
 
 
 def _xlogy_sum(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -64,17 +68,19 @@ def _times_p(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _block(s, t, opts: DistillOptions, g, valid):
-    """``(divergence, student entropy or None, lse_s, lse_t, aux)`` of one block of raw logits (aux: the per-row
-    KL that the gradient subtracts, see ``triton_distill``); with ``g`` (per-token upstream gradient of
+    """``(divergence, student entropy or None, norm (4, rows), aux)`` of one block of raw logits (norm: both
+    models' softmax normalisers ``(c, log sum e^(x - c))``; aux: the per-row KL that the gradient subtracts, see
+    ``triton_distill``); with ``g`` (per-token upstream gradient of
     the divergence) overwrites ``s`` with d(sum g . divergence) / d s, 0 at rows not ``valid``. Overwrites ``t``.
 
     Non-finite logits: a row whose student or teacher LSE is not finite (+inf, NaN, all -inf) is NaN, value and
     gradient, as materialised; -inf logits elsewhere are tokens of probability 0 (0 log 0 = 0).
     """
     inv_t = 1.0 / opts.temperature
-    log_s, lse_s = _log_softmax_(s.mul_(inv_t))
-    log_t, lse_t = _log_softmax_(t.mul_(inv_t))
-    bad = ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
+    log_s, c_s, sum_s = _log_softmax_(s.mul_(inv_t))
+    log_t, c_t, sum_t = _log_softmax_(t.mul_(inv_t))
+    norm = torch.stack([c_s, sum_s, c_t, sum_t])
+    bad = ~torch.isfinite(norm.sum(dim=0))
     p_s = log_s.exp()
     entropy = -_xlogy_sum(p_s, log_s) if opts.entropy else None
     if opts.kind == "forward_kl":
@@ -100,7 +106,7 @@ def _block(s, t, opts: DistillOptions, g, valid):
         scale = torch.where(bad, torch.full_like(g, math.nan), g * inv_t)
         scale = torch.where(valid, scale, torch.zeros_like(scale))
         s.copy_(grad.mul_(scale.unsqueeze(1)))
-    return div, entropy, lse_s, lse_t, aux
+    return div, entropy, norm, aux
 
 
 def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
@@ -109,7 +115,8 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
     acc = acc_dtype(student_hidden.dtype)
     div = torch.empty(n_rows, dtype=acc, device=student_hidden.device)
     ent = torch.zeros_like(div)
-    lse_s, lse_t, aux = torch.empty_like(div), torch.empty_like(div), torch.empty_like(div)
+    norm = torch.empty((4, n_rows), dtype=acc, device=div.device)
+    aux = torch.empty_like(div)
     need_h, need_w, need_b = needs if g is not None else (False, False, False)
     dh = torch.zeros_like(student_hidden) if need_h else None
     dw = torch.zeros(student_weight.shape, dtype=acc, device=student_weight.device) if need_w else None
@@ -123,7 +130,7 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
         for r0 in range(0, s.shape[0], step):
             r = slice(r0, r0 + step)
             rows = slice(start + r0, start + r0 + s[r].shape[0])
-            div[rows], block_ent, lse_s[rows], lse_t[rows], aux[rows] = _block(
+            div[rows], block_ent, norm[:, rows], aux[rows] = _block(
                 s[r], t[r], opts, g[rows] if g is not None else None, valid[rows])
             if block_ent is not None:
                 ent[rows] = block_ent
@@ -134,22 +141,22 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
         if need_b:
             db += s.sum(dim=0)
     grads = (dh, dw.to(student_weight.dtype) if need_w else None, db.to(student_bias.dtype) if need_b else None)
-    return div, ent, lse_s, lse_t, aux, grads
+    return div, ent, norm, aux, grads
 
 
 def forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
             opts: DistillOptions, g=None, needs=(False, False, False), chunk_rows: int | None = None):
-    """Per-token ``(divergence, entropy, lse_s, lse_t, aux, (dh, dw, db))``, (N,) float32/float64.
+    """Per-token ``(divergence, entropy, norm, aux, (dh, dw, db))``, float32/float64.
 
-    The divergence and the student's entropy (zeros unless ``opts.entropy``) are 0 where ``valid`` is False;
-    ``lse_s``/``lse_t``/``aux`` are the quantities the Triton backward needs. With ``g`` (N,), the per-token
-    upstream gradient of the divergence, the student gradients named by ``needs`` are computed in the same pass
-    (input dtypes; None where not needed).
+    The divergence and the student's entropy (N,) (zeros unless ``opts.entropy``) are 0 where ``valid`` is False;
+    ``norm`` (4, N) (both models' softmax normalisers) and ``aux`` (N,) are what the Triton backward needs. With
+    ``g`` (N,), the per-token upstream gradient of the divergence, the student gradients named by ``needs`` are
+    computed in the same pass (input dtypes; None where not needed).
     """
-    div, ent, lse_s, lse_t, aux, grads = _run(student_hidden, student_weight, student_bias, teacher_hidden,
-                                              teacher_weight, teacher_bias, valid, opts, g, needs, chunk_rows)
+    div, ent, norm, aux, grads = _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                      teacher_bias, valid, opts, g, needs, chunk_rows)
     zeros = torch.zeros_like(div)
-    return torch.where(valid, div, zeros), torch.where(valid, ent, zeros), lse_s, lse_t, aux, grads
+    return torch.where(valid, div, zeros), torch.where(valid, ent, zeros), norm, aux, grads
 
 
 def backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,

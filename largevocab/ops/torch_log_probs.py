@@ -10,6 +10,10 @@ Per token, for final logits ``s = softcap(hidden @ weight.T + bias) / temperatur
     lse = logsumexp(s)         logp = s[y] - lse              entropy = -sum_v p_v log p_v
     d logp / d s_v = [v == y] - p_v                           d entropy / d s_v = -p_v (log p_v + entropy)
 
+The softmax normaliser is kept per row as ``(c, log sum_v e^(s_v - c))`` with c the row max, never as one number
+``lse``: ``log p = (s - c) - log sum`` is then exact to the rounding of ``s - c``, as in ``torch.log_softmax``,
+whereas ``s - lse`` would carry lse's rounding (eps * |lse|, 4e-6 at logits of 60 in float32) into every entry.
+
 Non-finite logits as in the materialised computation (``log_softmax``): a row holding +inf or NaN gives NaN
 outputs and gradients. A -inf logit (a token masked out through the bias) is a token of probability 0: it adds
 0 to the entropy (0 log 0 = 0) instead of the materialised formula's NaN, and gets no gradient.
@@ -56,7 +60,8 @@ def transform_(z: torch.Tensor, softcap: float | None, temperature: float, cap_g
 
 
 def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
-    """``(target logit, lse, entropy or None)`` of a block of final logits ``s``; overwrites ``s``.
+    """``(s[y] - c, c, log sum e^(s - c), entropy or None)`` of a block of final logits ``s`` (c: the row max, or
+    0 where that is infinite); overwrites ``s``.
 
     The entropy is ``log sum e^x - sum e^x x / sum e^x`` with ``x = s - max s <= 0``: no cancellation between lse
     and E[s], both of the size of the logits.
@@ -67,27 +72,28 @@ def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
     shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     x = s.sub_(shift.unsqueeze(1))
     if not entropy:
-        return target_logit, x.exp_().sum(dim=1).log_().add_(shift), None
+        return target_logit - shift, shift, x.exp_().sum(dim=1).log_(), None
     e = x.exp()
     sum_e = e.sum(dim=1)
     log_sum = sum_e.log()
     # e * x is 0 * -inf = NaN at a -inf logit, whose p log p is 0.
     ex = e.mul_(x).masked_fill_(x == -math.inf, 0.0)
-    return target_logit, log_sum.add(shift), log_sum - ex.sum(dim=1) / sum_e
+    return target_logit - shift, shift, log_sum, log_sum - ex.sum(dim=1) / sum_e
 
 
 def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_rows: int | None = None):
-    """Per-token ``(logp, entropy, lse)`` of ``hidden`` (N, D) against ``weight`` (V, D), all (N,) float32/64.
+    """Per-token ``(logp, entropy, norm)`` of ``hidden`` (N, D) against ``weight`` (V, D), float32/64.
 
     ``targets`` (N,) must be in [0, V) at every row (ignored rows may hold any in-range id); ``valid`` marks the
-    rows that count: ``logp`` and ``entropy`` are 0 elsewhere. ``entropy`` is all zeros unless ``opts.entropy``.
-    ``lse`` is defined at every row (backward needs it).
+    rows that count: ``logp`` and ``entropy`` (N,) are 0 elsewhere. ``entropy`` is all zeros unless
+    ``opts.entropy``. ``norm`` (2, N) is each row's softmax normaliser ``(c, log sum e^(s - c))``, which backward
+    needs (lse = c + log sum).
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     acc = acc_dtype(hidden.dtype)
-    target_logit = torch.empty(n_rows, dtype=acc, device=hidden.device)
-    lse = torch.empty_like(target_logit)
-    ent = torch.zeros_like(target_logit)
+    target_rel = torch.empty(n_rows, dtype=acc, device=hidden.device)
+    norm = torch.empty((2, n_rows), dtype=acc, device=hidden.device)
+    ent = torch.zeros_like(target_rel)
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     step = block_rows(vocab)
     for start in range(0, n_rows, chunk_rows):
@@ -96,18 +102,25 @@ def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_ro
             r = slice(r0, r0 + step)
             rows = slice(start + r0, start + r0 + z[r].shape[0])
             transform_(z[r], opts.softcap, opts.temperature)
-            target_logit[rows], lse[rows], block_ent = _block_stats(z[r], targets[rows], opts.entropy)
+            target_rel[rows], norm[0, rows], norm[1, rows], block_ent = _block_stats(z[r], targets[rows],
+                                                                                      opts.entropy)
             if block_ent is not None:
                 ent[rows] = block_ent
-    zeros = torch.zeros_like(lse)
-    # A +inf logit: lse = +inf, and the materialised log-softmax of the row is NaN.
-    logp = torch.where(lse == math.inf, torch.full_like(lse, math.nan), target_logit - lse)
-    return torch.where(valid, logp, zeros), torch.where(valid, ent, zeros), lse
+    return finish(target_rel, norm, ent, valid)
 
 
-def _block_grad(s, lse, ent, targets, g_logp, g_ent):
+def finish(target_rel, norm, ent, valid):
+    """``(logp, entropy, norm)`` from ``s[y] - c`` and the normaliser: 0 at rows not ``valid``; NaN where a +inf
+    logit makes the sum infinite (the materialised log-softmax of such a row is NaN)."""
+    zeros = torch.zeros_like(target_rel)
+    log_sum = norm[1]
+    logp = torch.where(log_sum == math.inf, torch.full_like(log_sum, math.nan), target_rel - log_sum)
+    return torch.where(valid, logp, zeros), torch.where(valid, ent, zeros), norm
+
+
+def _block_grad(s, shift, log_sum, ent, targets, g_logp, g_ent):
     """Overwrite a block of final logits ``s`` with d(sum g_logp logp + g_ent entropy) / d s (None: no gradient)."""
-    log_p = s.sub_(lse.unsqueeze(1))
+    log_p = s.sub_(shift.unsqueeze(1)).sub_(log_sum.unsqueeze(1))
     if g_ent is None:
         ds = log_p.exp_().mul_(-g_logp.unsqueeze(1))
     else:
@@ -128,14 +141,15 @@ def _block_grad(s, lse, ent, targets, g_logp, g_ent):
     return ds
 
 
-def backward(hidden, weight, bias, targets, valid, lse, ent, opts: LogProbOptions, g_logp, g_ent, needs,
+def backward(hidden, weight, bias, targets, valid, norm, ent, opts: LogProbOptions, g_logp, g_ent, needs,
              chunk_rows: int | None = None):
     """``(dh, dw, db)`` of ``sum g_logp * logp + g_ent * entropy`` in the input dtypes (None where ``needs`` says
     so), recomputing the logits chunk by chunk. ``g_logp``/``g_ent`` (N,) may be None (no gradient). Bit-
     reproducible (no atomics, a fixed order): the Triton backend calls it in deterministic mode."""
     need_h, need_w, need_b = needs
-    acc = lse.dtype
+    acc = norm.dtype
     vocab = weight.shape[0]
+    lse = norm[0] + norm[1]
     # Ignored rows get no gradient; a counted row whose lse is not finite gets NaN (the materialised gradient).
     bad_row = valid & ~torch.isfinite(lse)
 
@@ -159,7 +173,7 @@ def backward(hidden, weight, bias, targets, valid, lse, ent, opts: LogProbOption
                 r = slice(r0, r0 + step)
                 rows = slice(start + r0, start + r0 + z[r].shape[0])
                 cap_grad = transform_(z[r], opts.softcap, opts.temperature, cap_grad=True)
-                ds = _block_grad(z[r], lse[rows], ent[rows], targets[rows],
+                ds = _block_grad(z[r], norm[0, rows], norm[1, rows], ent[rows], targets[rows],
                                  g_logp[rows] if g_logp is not None else None,
                                  g_ent[rows] if g_ent is not None else None)
                 if opts.temperature != 1.0:

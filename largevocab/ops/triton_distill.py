@@ -72,6 +72,17 @@ def _both_tiles(
 
 
 @triton.jit
+def _log_probs_of(s, t, norm_ptr, offs_n, mask_n, N):
+    """log p_s and log p_t of a tile as (x - c) - log sum with each row's normaliser from norm[4, N]: exact to
+    the rounding of x - c, as torch.log_softmax."""
+    c_s = tl.load(norm_ptr + offs_n, mask=mask_n, other=0.0)
+    sum_s = tl.load(norm_ptr + N + offs_n, mask=mask_n, other=0.0)
+    c_t = tl.load(norm_ptr + 2 * N + offs_n, mask=mask_n, other=0.0)
+    sum_t = tl.load(norm_ptr + 3 * N + offs_n, mask=mask_n, other=0.0)
+    return (s - c_s[:, None]) - sum_s[:, None], (t - c_t[:, None]) - sum_t[:, None]
+
+
+@triton.jit
 def _log_mixture(log_s, log_t, param_ptr):
     """log(beta p_t + (1 - beta) p_s), elementwise; -inf where both are 0."""
     a = log_t + tl.load(param_ptr + PARAM_LOG_BETA)
@@ -154,7 +165,7 @@ def _distill_fwd_kernel(
 
 @triton.jit
 def _jsd_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, part_ptr, param_ptr, N, V, DS, DT,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, norm_ptr, part_ptr, param_ptr, N, V, DS, DT,
     stride_hs, stride_ws, stride_ht, stride_wt, v_per_split,
     HAS_S_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -168,8 +179,6 @@ def _jsd_kernel(
     mask_n = offs_n < N
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
-    lse_s = tl.load(lse_s_ptr + offs_n, mask=mask_n, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs_n, mask=mask_n, other=0.0)
     kl_t = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     kl_s = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -180,8 +189,7 @@ def _jsd_kernel(
             HAS_S_BIAS, HAS_T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
         )
         in_vocab = (offs_v < v_hi)[None, :]
-        log_s = s - lse_s[:, None]
-        log_t = t - lse_t[:, None]
+        log_s, log_t = _log_probs_of(s, t, norm_ptr, offs_n, mask_n, N)
         log_m = _log_mixture(log_s, log_t, param_ptr)
         p_s = tl.where(in_vocab, tl.exp(log_s), 0.0)
         p_t = tl.where(in_vocab, tl.exp(log_t), 0.0)
@@ -195,7 +203,7 @@ def _jsd_kernel(
 
 @triton.jit
 def _distill_bwd_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_s_ptr, lse_t_ptr, aux_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, norm_ptr, aux_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
     param_ptr, N, V, DS, DT, stride_hs, stride_ws, stride_ht, stride_wt,
     HAS_S_BIAS: tl.constexpr, HAS_T_BIAS: tl.constexpr, KIND: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -219,11 +227,8 @@ def _distill_bwd_kernel(
         HAS_S_BIAS, HAS_T_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
     )
     live = mask_n[:, None] & mask_v[None, :]
-    lse_s = tl.load(lse_s_ptr + offs_n, mask=mask_n, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs_n, mask=mask_n, other=0.0)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-    log_s = s - lse_s[:, None]
-    log_t = t - lse_t[:, None]
+    log_s, log_t = _log_probs_of(s, t, norm_ptr, offs_n, mask_n, N)
     p_s = tl.where(live, tl.exp(log_s), 0.0)
     if KIND == FORWARD_KL:
         d = p_s - tl.where(live, tl.exp(log_t), 0.0)
@@ -294,7 +299,8 @@ def _heads(student, teacher):
 
 
 def _forward(student, teacher, opts: DistillOptions, splits: int | None):
-    """Per-token (divergence, student entropy, lse_s, lse_t, aux) before masking; aux is what backward needs."""
+    """Per-token (divergence, student entropy, norm (4, N), aux) before masking; norm (both models' softmax
+    normalisers (c, log sum e^(x - c))) and aux are what backward needs."""
     hs, ws, _ = student
     n_rows, vocab = hs.shape[0], ws.shape[0]
     cfg = _config(hs.dtype, backward=False)
@@ -315,42 +321,42 @@ def _forward(student, teacher, opts: DistillOptions, splits: int | None):
     top_s, total_s, scale_s = _merge(c_s, sum_s)
     top_t, total_t, scale_t = _merge(c_t, sum_t)
     log_s, log_t = total_s.log(), total_t.log()
-    lse_s, lse_t = top_s + log_s, top_t + log_t
+    norm = torch.stack([top_s, log_s, top_t, log_t])
     # Each slice's accumulator moves to the common shifts as in the kernel's loop.
     move_s, move_t = c_s - top_s, c_t - top_t
     ent = (log_s - (scale_s * (ent_acc + sum_s * move_s)).sum(dim=0) / total_s if opts.entropy
-           else torch.zeros_like(lse_s))
+           else torch.zeros_like(log_s))
     if opts.kind == "forward_kl":
         kl = (scale_t * (kl_acc + sum_t * (move_t - move_s))).sum(dim=0) / total_t - log_t + log_s
-        return kl, ent, lse_s, lse_t, kl
+        return kl, ent, norm, kl
     if opts.kind == "reverse_kl":
         kl = (scale_s * (kl_acc + sum_s * (move_s - move_t))).sum(dim=0) / total_s - log_s + log_t
-        return kl, ent, lse_s, lse_t, kl
+        return kl, ent, norm, kl
     jsd_part = torch.empty((2, splits, n_rows), dtype=acc, device=hs.device)
     launch(
-        _jsd_kernel, (n_blocks, splits), cfg, hs.device, *pointers, lse_s.contiguous(), lse_t.contiguous(),
-        jsd_part, params, *sizes, v_per_split, **flags,
+        _jsd_kernel, (n_blocks, splits), cfg, hs.device, *pointers, norm, jsd_part, params, *sizes, v_per_split,
+        **flags,
     )
     kl_t, kl_s = jsd_part.sum(dim=1).unbind(0)
-    return opts.beta * kl_t + (1.0 - opts.beta) * kl_s, ent, lse_s, lse_t, kl_s
+    return opts.beta * kl_t + (1.0 - opts.beta) * kl_s, ent, norm, kl_s
 
 
-def _backward(student, teacher, lse_s, lse_t, aux, g, opts: DistillOptions, needs):
+def _backward(student, teacher, norm, aux, g, opts: DistillOptions, needs):
     """The student's (dH, dW, dbias) as float32/float64 buffers (None where not needed)."""
     need_h, need_w, need_b = needs
     hs, ws, _ = student
     n_rows, vocab = hs.shape[0], ws.shape[0]
     cfg = _config(hs.dtype, backward=True)
-    acc = lse_s.dtype
+    acc = norm.dtype
     pointers, sizes, flags = _heads(student, teacher)
     dh = torch.zeros((n_rows, hs.shape[1]), dtype=acc, device=hs.device) if need_h else None
     dw = torch.zeros((vocab, hs.shape[1]), dtype=acc, device=hs.device) if need_w else None
     db = torch.zeros((vocab,), dtype=acc, device=hs.device) if need_b else None
-    dummy = lse_s
+    dummy = aux
     n_blocks = triton.cdiv(n_rows, cfg.BLOCK_N)
     launch(
         _distill_bwd_kernel, lambda c: (triton.cdiv(vocab, c.BLOCK_V), n_blocks), cfg, hs.device,
-        *pointers, lse_s, lse_t, aux, g, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
+        *pointers, norm, aux, g, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
         _params(opts, acc, hs.device), *sizes,
         KIND=KIND_IDS[opts.kind], NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b, **flags,
     )
@@ -366,20 +372,19 @@ def _contiguous(hidden, weight, bias):
 
 def forward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
             opts: DistillOptions, splits: int | None = None):
-    """Per-token ``(divergence, entropy, lse_s, lse_t, aux)``, all (N,): the divergence and the student's entropy
-    (zeros unless ``opts.entropy``) are 0 where ``valid`` is False; the rest is what ``backward`` needs.
+    """Per-token ``(divergence, entropy, norm, aux)``: the divergence and the student's entropy (N,) (zeros unless
+    ``opts.entropy``) are 0 where ``valid`` is False; ``norm`` (4, N) and ``aux`` (N,) are what ``backward`` needs.
     ``splits`` overrides how many vocabulary slices the kernels use (tests cover the merge)."""
     student = _contiguous(student_hidden, student_weight, student_bias)
     teacher = _contiguous(teacher_hidden, teacher_weight, teacher_bias)
-    div, ent, lse_s, lse_t, aux = _forward(student, teacher, opts, splits)
-    bad = ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
-    div = torch.where(bad, torch.full_like(div, math.nan), div)
+    div, ent, norm, aux = _forward(student, teacher, opts, splits)
+    div = torch.where(torch.isfinite(norm.sum(dim=0)), div, torch.full_like(div, math.nan))
     zeros = torch.zeros_like(div)
-    return torch.where(valid, div, zeros), torch.where(valid, ent, zeros), lse_s, lse_t, aux
+    return torch.where(valid, div, zeros), torch.where(valid, ent, zeros), norm, aux
 
 
 def backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, valid,
-             lse_s, lse_t, aux, opts: DistillOptions, g, needs):
+             norm, aux, opts: DistillOptions, g, needs):
     """The student's ``(dh, dw, db)`` in the input dtypes for the per-token upstream gradient ``g`` (N,); atomics,
     or under ``torch.use_deterministic_algorithms(True)`` the torch backend's chunked backward (bit-reproducible)."""
     if torch.are_deterministic_algorithms_enabled():
@@ -387,12 +392,11 @@ def backward(student_hidden, student_weight, student_bias, teacher_hidden, teach
                                       teacher_bias, valid, opts, g, needs)
     student = _contiguous(student_hidden, student_weight, student_bias)
     teacher = _contiguous(teacher_hidden, teacher_weight, teacher_bias)
-    g = torch.where(valid, g.to(lse_s.dtype), torch.zeros_like(lse_s))
+    g = torch.where(valid, g.to(norm.dtype), torch.zeros_like(aux))
     # A counted row whose LSE is not finite gets the materialised NaN gradient.
-    bad = valid & ~(torch.isfinite(lse_s) & torch.isfinite(lse_t))
+    bad = valid & ~torch.isfinite(norm.sum(dim=0))
     g = torch.where(bad, torch.full_like(g, math.nan), g).contiguous()
-    dh, dw, db = _backward(student, teacher, lse_s.contiguous(), lse_t.contiguous(), aux.contiguous(), g, opts,
-                           needs)
+    dh, dw, db = _backward(student, teacher, norm.contiguous(), aux.contiguous(), g, opts, needs)
     hs, ws, bs = student
     return (
         dh.to(hs.dtype) if dh is not None else None,

@@ -92,19 +92,20 @@ def _logp_fwd_kernel(
 
 @triton.jit
 def _logp_grad_tile(
-    s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, param_ptr,
+    s, offs_n, offs_v, N, V, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, param_ptr,
     HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
 ):
     """d (g_logp logp + g_ent entropy) / d z of a tile of capped logits ``s`` (before the temperature).
 
-    With t = s / T and log p = t - lse: d/dt = g_logp ([v == y] - p) - g_ent p (log p + entropy); then times 1/T
-    and the soft cap's 1 - tanh^2.
+    With t = s / T and log p = (t - c) - log sum (the row's normaliser at norm[0 / 1, n]):
+    d/dt = g_logp ([v == y] - p) - g_ent p (log p + entropy); then times 1/T and the soft cap's 1 - tanh^2.
     """
     inv_t = tl.load(param_ptr + PARAM_INV_TEMPERATURE)
     mask_n = offs_n < N
     live = (offs_v < V)[None, :] & mask_n[:, None]
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    log_p = s * inv_t - lse[:, None]
+    shift = tl.load(norm_ptr + offs_n, mask=mask_n, other=0.0)
+    log_sum = tl.load(norm_ptr + N + offs_n, mask=mask_n, other=0.0)
+    log_p = (s * inv_t - shift[:, None]) - log_sum[:, None]
     p = tl.where(live, tl.exp(log_p), 0.0)
     ds = tl.zeros_like(s)
     if HAS_GRAD_LOGP:
@@ -131,7 +132,7 @@ def _logp_grad_tile(
 
 @triton.jit
 def _logp_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr, dw_ptr, db_ptr,
     param_ptr, N, V, D, stride_hn, stride_wv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -148,7 +149,7 @@ def _logp_bwd_kernel(
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
     )
     dz = _logp_grad_tile(
-        s, offs_n, offs_v, N, V, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, param_ptr,
+        s, offs_n, offs_v, N, V, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, param_ptr,
         HAS_SOFTCAP, HAS_GRAD_LOGP, HAS_GRAD_ENT,
     )
     mask_n = offs_n < N
@@ -228,7 +229,8 @@ def _split_grid(n_rows: int, vocab: int, cfg, device, splits: int | None):
 
 
 def _forward(hidden, weight, bias, targets, opts: LogProbOptions, splits: int | None = None):
-    """Per-token (lse, target logit, entropy) of the final logits; entropy is zeros unless ``opts.entropy``."""
+    """Per-token (s[y] - c, norm (2, N) = (c, log sum e^(s - c)), entropy) of the final logits; entropy is zeros
+    unless ``opts.entropy``."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _config(hidden.dtype, backward=False)
@@ -248,31 +250,30 @@ def _forward(hidden, weight, bias, targets, opts: LogProbOptions, splits: int | 
     scale = torch.exp(shift - top)
     total = (sum_exp * scale).sum(dim=0)
     log_total = total.log()
-    lse = top + log_total
     if opts.entropy:
         # Each slice's sum e^x x moves from its shift to the common one: times scale, plus the shift difference
         # times its sum of exp.
         ent = log_total - (scale * (ent_acc + (shift - top) * sum_exp)).sum(dim=0) / total
     else:
-        ent = torch.zeros_like(lse)
-    return lse, tgt_logit.sum(dim=0), ent
+        ent = torch.zeros_like(top)
+    return tgt_logit.sum(dim=0) - top, torch.stack([top, log_total]), ent
 
 
-def _backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, opts: LogProbOptions, needs):
+def _backward(hidden, weight, bias, targets, norm, ent, g_logp, g_ent, opts: LogProbOptions, needs):
     """(dH, dW, dbias) as float32/float64 buffers (None where not needed)."""
     need_h, need_w, need_b = needs
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _config(hidden.dtype, backward=True)
-    acc = lse.dtype
+    acc = norm.dtype
     dh = torch.zeros((n_rows, dim), dtype=acc, device=hidden.device) if need_h else None
     dw = torch.zeros((vocab, dim), dtype=acc, device=hidden.device) if need_w else None
     db = torch.zeros((vocab,), dtype=acc, device=hidden.device) if need_b else None
-    dummy = lse
+    dummy = ent
     n_blocks = triton.cdiv(n_rows, cfg.BLOCK_N)
     launch(
         _logp_bwd_kernel, lambda c: (triton.cdiv(vocab, c.BLOCK_V), n_blocks), cfg, hidden.device,
-        hidden, weight, bias if bias is not None else dummy, targets, lse, ent,
+        hidden, weight, bias if bias is not None else dummy, targets, norm, ent,
         g_logp if g_logp is not None else dummy, g_ent if g_ent is not None else dummy,
         dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
         _params(opts.softcap, opts.temperature, acc, hidden.device),
@@ -292,34 +293,33 @@ def _contiguous(hidden, weight, bias):
 
 
 def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, splits: int | None = None):
-    """Per-token ``(logp, entropy, lse)``: the contract of ``torch_log_probs.forward``; ``splits`` overrides how
+    """Per-token ``(logp, entropy, norm)``: the contract of ``torch_log_probs.forward``; ``splits`` overrides how
     many vocabulary slices the kernel uses (tests cover the merge)."""
     hidden, weight, bias = _contiguous(hidden, weight, bias)
-    lse, tgt_logit, ent = _forward(hidden, weight, bias, targets.contiguous(), opts, splits)
-    zeros = torch.zeros_like(lse)
-    logp = torch.where(lse == math.inf, torch.full_like(lse, math.nan), tgt_logit - lse)
-    return torch.where(valid, logp, zeros), torch.where(valid, ent, zeros), lse
+    target_rel, norm, ent = _forward(hidden, weight, bias, targets.contiguous(), opts, splits)
+    return torch_log_probs.finish(target_rel, norm, ent, valid)
 
 
-def backward(hidden, weight, bias, targets, valid, lse, ent, opts: LogProbOptions, g_logp, g_ent, needs):
+def backward(hidden, weight, bias, targets, valid, norm, ent, opts: LogProbOptions, g_logp, g_ent, needs):
     """``(dh, dw, db)``: the contract of ``torch_log_probs.backward``; atomics, or under
     ``torch.use_deterministic_algorithms(True)`` that chunked torch backward itself (bit-reproducible)."""
     if torch.are_deterministic_algorithms_enabled():
-        return torch_log_probs.backward(hidden, weight, bias, targets, valid, lse, ent, opts, g_logp, g_ent, needs)
+        return torch_log_probs.backward(hidden, weight, bias, targets, valid, norm, ent, opts, g_logp, g_ent, needs)
     if g_logp is None and g_ent is None:
         return tuple(torch.zeros_like(t) if need and t is not None else None
                      for t, need in zip((hidden, weight, bias), needs, strict=True))
     hidden, weight, bias = _contiguous(hidden, weight, bias)
     # Ignored rows get no gradient; a counted row whose lse is not finite gets NaN (the materialised gradient).
-    bad_row = valid & ~torch.isfinite(lse)
+    bad_row = valid & ~torch.isfinite(norm[0] + norm[1])
 
     def per_token(g):
         if g is None:
             return None
-        g = torch.where(valid, g.to(lse.dtype), torch.zeros_like(lse))
+        g = torch.where(valid, g.to(norm.dtype), torch.zeros_like(ent))
         return torch.where(bad_row, torch.full_like(g, math.nan), g).contiguous()
 
-    dh, dw, db = _backward(hidden, weight, bias, targets.contiguous(), lse, ent.contiguous(), per_token(g_logp),
+    dh, dw, db = _backward(hidden, weight, bias, targets.contiguous(), norm.contiguous(), ent.contiguous(),
+                           per_token(g_logp),
                            per_token(g_ent), opts, needs)
     return (
         dh.to(hidden.dtype) if dh is not None else None,
