@@ -164,3 +164,54 @@ def linear_cross_entropy(h, w, b, targets, shard: VocabShard, *, ignore_index, r
         float(softcap) if softcap is not None else None, backend, shard.group_name, shard.offset, shard.vocab,
         strict,
     )
+
+
+def scalable_cross_entropy(h, w, targets, shard: VocabShard, *, n_buckets, bucket_size_x, bucket_size_y, mix_x,
+                           ignore_index, reduction, backend, strict):
+    """Global SCE from this rank's shard: ``(reduced loss, per-row loss, bad rows)``; see the module docstring."""
+    from .ops import _library_parallel  # noqa: F401  (registers the ops)
+    from .scalable import reduce_buckets
+
+    check_replicated(shard, h, targets)
+    name = shard.group_name
+    rows, cols, local, owned, valid, bad = torch.ops.largevocab.vp_sce_select(
+        h.detach(), w.detach(), targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x, name,
+        shard.offset, shard.vocab, strict)
+    h = torch.ops.largevocab.vp_copy(h, name)  # backward: dH summed over the shards
+    lse, positive = torch.ops.largevocab.bucket_lse(h, w, local, rows, cols, backend)
+    lse = torch.ops.largevocab.vp_logsumexp(lse, name)
+    positive = torch.ops.largevocab.vp_sum(torch.where(owned, positive, torch.zeros_like(positive)), name)
+    loss, per_row = reduce_buckets(lse, positive, rows, reduction)
+    return loss, per_row, bad
+
+
+def sampled_cross_entropy(h, w, safe_targets, valid, negatives, log_kq, shard: VocabShard, *, logq_correction,
+                          remove_accidental_hits, reduction):
+    """Global sampled CE from this rank's shard, for negatives drawn (identically on every rank) over the whole
+    vocabulary: ``(reduced or per-row loss)``; see the module docstring. Runs the chunked torch code."""
+    from .ops import _library_parallel  # noqa: F401  (registers the ops)
+    from .ops.torch_sampled import sampled_loss
+
+    check_replicated(shard, h, safe_targets)
+    name, size, lo = shard.group_name, shard.size, shard.offset
+
+    def local(ids):  # local ids, V_r for ids held elsewhere
+        inside = (ids >= lo) & (ids < lo + size)
+        return torch.where(inside, ids - lo, torch.full_like(ids, size)), inside
+
+    targets, owned = local(safe_targets)
+    owned = owned & valid
+    negs, _ = local(negatives)
+    correction = None
+    if logq_correction:
+        table = log_kq if log_kq.shape[0] > 1 else log_kq.expand(shard.vocab)
+        correction = torch.cat([table[lo:lo + size], table.new_zeros(1)])  # the last entry: absent items
+    h = torch.ops.largevocab.vp_copy(h, name)  # backward: dH summed over the shards
+    lse, pos = torch.ops.largevocab.vp_sampled_partial(h, w, targets, owned, negs, correction, remove_accidental_hits)
+    lse = torch.ops.largevocab.vp_logsumexp(lse, name)
+    pos = torch.ops.largevocab.vp_sum(pos, name)
+    loss = sampled_loss(lse, pos, valid)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / valid.sum().clamp(min=1).to(total.dtype) if reduction == "mean" else total

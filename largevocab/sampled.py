@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import parallel
 from ._common import acc_dtype, check_bool, check_int_tensor, check_options, meta_loss, prepare_inputs
 from .cross_entropy import _resolve_backend
 from .ops._library import is_strict, poison, use_generator
@@ -147,6 +148,7 @@ def sampled_cross_entropy(
     reduction: str = "mean",
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Sampled softmax cross-entropy of ``hidden @ weight.T`` over [positive, K negatives] per row.
 
@@ -191,6 +193,10 @@ def sampled_cross_entropy(
             PyTorch, O(chunk x K) logits, any device) or ``"auto"`` (triton for CUDA tensors, torch otherwise).
             The Triton backward accumulates dW with atomics, so it is not bit-reproducible even under
             ``torch.use_deterministic_algorithms(True)``; the torch backend is (its ``index_add_`` then is).
+        process_group: vocabulary parallelism as in :func:`largevocab.linear_cross_entropy` (or a ``DTensor``
+            weight): the negatives are global ids drawn once, identically on every rank (the same generator
+            state everywhere), each rank scores those it holds; ``item_counts`` is the whole vocabulary's (V,).
+            The sharded form runs the chunked torch code on every device (see :mod:`largevocab.parallel`).
 
     Torch equivalent, materialising the N x (1 + K) sampled logits (``neg`` (N, K); a shared (K,) set is
     ``neg.expand(N, K)``; ``q`` (V,) as above)::
@@ -211,9 +217,11 @@ def sampled_cross_entropy(
     )
     _check_sampling_options(num_negatives, sampling, shared_negatives, logq_correction, remove_accidental_hits,
                             generator)
-    inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0)
+    hidden, weight, _, targets, shard = parallel.resolve(weight, None, process_group, hidden=hidden, targets=targets)
+    inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0,
+                            allow_empty_vocab=shard is not None)
     h, w = inputs.hidden, inputs.weight
-    n_rows, vocab = h.shape[0], w.shape[0]
+    n_rows, vocab = h.shape[0], (shard.vocab if shard is not None else w.shape[0])
     if item_counts is not None:
         _check_item_counts(item_counts, vocab, h.device)
     if negatives is not None:
@@ -230,9 +238,16 @@ def sampled_cross_entropy(
             inputs.targets, ignore_index, vocab, num_negatives, sampling, shared, item_counts, explicit,
             logq_correction, is_strict(),
         )
+    resolved = _resolve_backend(backend, h.device)
+    if shard is not None:
+        loss = parallel.sampled_cross_entropy(
+            h, w, safe, valid, negs, log_kq.to(acc_dtype(h.dtype)), shard, logq_correction=logq_correction,
+            remove_accidental_hits=remove_accidental_hits, reduction=reduction)
+        if reduction == "none":
+            return poison(loss, bad, per_row=True).reshape(inputs.target_shape)
+        return poison(loss, bad, per_row=False)
     # A uniform q is one value for every item: a (1,) table viewed as (V,) with stride 0.
     correction = log_kq.to(acc_dtype(h.dtype)).expand(vocab) if logq_correction else None
-    resolved = _resolve_backend(backend, h.device)
     loss, _ = torch.ops.largevocab.sampled_cross_entropy(h, w, safe, valid, negs, correction,
                                                          remove_accidental_hits, resolved)
     if reduction == "none":
@@ -266,6 +281,7 @@ class SampledCrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
         generator: torch.Generator | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         super().__init__()
         check_options(
@@ -284,7 +300,7 @@ class SampledCrossEntropyLoss(torch.nn.Module):
         self.options = dict(
             num_negatives=num_negatives, sampling=sampling, shared_negatives=shared_negatives,
             logq_correction=logq_correction, remove_accidental_hits=remove_accidental_hits,
-            ignore_index=ignore_index, reduction=reduction, backend=backend,
+            ignore_index=ignore_index, reduction=reduction, backend=backend, process_group=process_group,
         )
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -292,4 +308,4 @@ class SampledCrossEntropyLoss(torch.nn.Module):
                                      generator=self.generator, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "process_group")

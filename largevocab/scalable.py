@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from . import parallel
 from ._common import check_options, meta_loss, prepare_inputs
 from .cross_entropy import _resolve_backend
 from .ops._library import is_strict, poison, use_generator
@@ -67,24 +68,31 @@ def select_items(weight: torch.Tensor, buckets: torch.Tensor, bucket_size_y: int
                  chunk: int | None = None) -> torch.Tensor:
     """(n_buckets, bucket_size_y) indices of the items with the largest ``<bucket, w>``, by a running top-k over
     vocabulary chunks: peak memory O(n_buckets * (bucket_size_y + chunk)) instead of n_buckets * V."""
+    return top_items(weight, buckets, bucket_size_y, chunk)[1]
+
+
+def top_items(weight: torch.Tensor, buckets: torch.Tensor, bucket_size_y: int, chunk: int | None = None,
+              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, ids)`` (n_buckets, min(bucket_size_y, V)) of :func:`select_items`; ids are ``offset + row``."""
     n_buckets = buckets.shape[0]
     if chunk is None:
         chunk = max(bucket_size_y, SELECTION_CHUNK_ELEMENTS // n_buckets)
-    best_scores = best_items = None
+    best_scores = buckets.new_empty((n_buckets, 0))
+    best_items = torch.empty((n_buckets, 0), dtype=torch.long, device=weight.device)
     with torch.no_grad():
         for start in range(0, weight.shape[0], chunk):
             scores = buckets @ weight[start:start + chunk].detach().to(buckets.dtype).T
-            items = torch.arange(start, start + scores.shape[1], device=weight.device).expand(n_buckets, -1)
-            if best_scores is not None:
-                scores = torch.cat([best_scores, scores], dim=1)
-                items = torch.cat([best_items, items], dim=1)
+            items = torch.arange(offset + start, offset + start + scores.shape[1],
+                                 device=weight.device).expand(n_buckets, -1)
+            scores = torch.cat([best_scores, scores], dim=1)
+            items = torch.cat([best_items, items], dim=1)
             top = scores.topk(min(bucket_size_y, scores.shape[1]), dim=1)
             best_scores, best_items = top.values, items.gather(1, top.indices)
-    return best_items
+    return best_scores, best_items
 
 
-def select_buckets(hidden, weight, valid, n_buckets, bucket_size_x, bucket_size_y, mix_x, generator):
-    """Bucket rows (G, b_x) and items (G, b_y) of one SCE call (runs inside ``largevocab::sce_select``).
+def bucket_plan(hidden, valid, n_buckets, bucket_size_x, bucket_size_y, vocab, mix_x, generator):
+    """``(buckets, rows, b_y)``: the bucket vectors (G, D), their rows (G, b_x) and the items per bucket.
 
     Sizes: ``n_buckets`` and ``bucket_size_x`` default to ``int(2 * sqrt(m))`` for m non-ignored rows (one host
     read of m); ``b_x <= m`` and ``b_y <= V``. With m = 0 there are no rows to choose (b_x = 0).
@@ -92,9 +100,15 @@ def select_buckets(hidden, weight, valid, n_buckets, bucket_size_x, bucket_size_
     n_valid = int(valid.sum())
     default = max(1, int(BUCKETS_PER_SQRT_ROW * math.sqrt(n_valid)))
     b_x = min(bucket_size_x or default, n_valid)
-    b_y = min(bucket_size_y, weight.shape[0])
     buckets = bucket_vectors(hidden, valid, n_buckets or default, mix_x, generator)
-    return select_rows(hidden, valid, buckets, b_x), select_items(weight, buckets, b_y)
+    return buckets, select_rows(hidden, valid, buckets, b_x), min(bucket_size_y, vocab)
+
+
+def select_buckets(hidden, weight, valid, n_buckets, bucket_size_x, bucket_size_y, mix_x, generator):
+    """Bucket rows (G, b_x) and items (G, b_y) of one SCE call (runs inside ``largevocab::sce_select``)."""
+    buckets, rows, b_y = bucket_plan(hidden, valid, n_buckets, bucket_size_x, bucket_size_y, weight.shape[0], mix_x,
+                                     generator)
+    return rows, select_items(weight, buckets, b_y)
 
 
 def sce_from_selection(hidden, weight, targets, valid, rows, cols, *, reduction: str, backend: str):
@@ -105,18 +119,24 @@ def sce_from_selection(hidden, weight, targets, valid, rows, cols, *, reduction:
     ``targets`` must be in [0, V) at every row (ignored rows are never chosen).
     """
     lse_negatives, positive = torch.ops.largevocab.bucket_lse(hidden, weight, targets, rows, cols, backend)
+    return reduce_buckets(lse_negatives, positive, rows, reduction)
+
+
+def reduce_buckets(lse_negatives, positive, rows, reduction: str):
+    """``(reduced loss, per-row loss (N,))`` from each bucket row's negatives' LSE (n_b, b_x) and the positives
+    (N,): a row's loss is the max over the buckets that chose it of ``logaddexp(lse, z+) - z+``."""
     chosen_positive = positive[rows]
     bucket_ce = torch.logaddexp(lse_negatives, chosen_positive) - chosen_positive
     flat_rows = rows.reshape(-1)
-    row_loss = bucket_ce.new_zeros(hidden.shape[0]).scatter_reduce(
-        0, flat_rows, bucket_ce.reshape(-1), "amax", include_self=False
-    )
+    n_rows = positive.shape[0]
+    row_loss = bucket_ce.new_zeros(n_rows).scatter_reduce(0, flat_rows, bucket_ce.reshape(-1), "amax",
+                                                         include_self=False)
     if reduction == "none":
         return row_loss, row_loss
     total = row_loss.sum()
     if reduction == "sum":
         return total, row_loss
-    covered = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device).index_fill_(0, flat_rows, True)
+    covered = torch.zeros(n_rows, dtype=torch.bool, device=positive.device).index_fill_(0, flat_rows, True)
     return total / covered.sum().clamp(min=1).to(total.dtype), row_loss
 
 
@@ -143,6 +163,7 @@ def scalable_cross_entropy(
     reduction: str = "mean",
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Scalable Cross-Entropy of ``hidden @ weight.T`` against ``targets``: a cross-entropy over hard negatives.
 
@@ -174,11 +195,17 @@ def scalable_cross_entropy(
     ``backend``: ``"triton"`` (fused gather kernel), ``"torch"`` (chunked over buckets), ``"auto"``. The loss is
     float32 (float64 for float64 inputs). Under ``torch.autocast`` the inputs are cast as ``F.linear`` would.
     The number of non-ignored rows is read on the host once per call (the default sizes depend on it).
+    ``process_group`` (or a ``DTensor`` weight): vocabulary parallelism as in
+    :func:`largevocab.linear_cross_entropy`; each rank picks its shard's top items per bucket and the top
+    ``bucket_size_y`` of all ranks' is kept, so with the same generator state on every rank the loss equals the
+    unsharded one (see :mod:`largevocab.parallel`).
     """
     check_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=0.0, z_loss=0.0, softcap=None,
                   shift=0, backend=backend)
     _check_sce_options(n_buckets, bucket_size_x, bucket_size_y, mix_x, generator)
-    inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0)
+    hidden, weight, _, targets, shard = parallel.resolve(weight, None, process_group, hidden=hidden, targets=targets)
+    inputs = prepare_inputs(hidden, weight, targets, None, ignore_index=ignore_index, shift=0,
+                            allow_empty_vocab=shard is not None)
     h, w = inputs.hidden, inputs.weight
     if n_buckets is not None and n_buckets > max(1, h.shape[0]):
         raise ValueError(f"n_buckets must be <= the number of rows N = {h.shape[0]}, got {n_buckets}")
@@ -186,11 +213,17 @@ def scalable_cross_entropy(
         return meta_loss(h, w, reduction, inputs.target_shape)
     resolved = _resolve_backend(backend, h.device)
     with use_generator(generator):
-        rows, cols, safe, valid, bad = torch.ops.largevocab.sce_select(
-            h.detach(), w.detach(), inputs.targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x,
-            is_strict(),
-        )
-    loss, per_row = sce_from_selection(h, w, safe, valid, rows, cols, reduction=reduction, backend=resolved)
+        if shard is not None:
+            loss, per_row, bad = parallel.scalable_cross_entropy(
+                h, w, inputs.targets, shard, n_buckets=n_buckets, bucket_size_x=bucket_size_x,
+                bucket_size_y=bucket_size_y, mix_x=mix_x, ignore_index=ignore_index, reduction=reduction,
+                backend=resolved, strict=is_strict())
+        else:
+            rows, cols, safe, valid, bad = torch.ops.largevocab.sce_select(
+                h.detach(), w.detach(), inputs.targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x,
+                is_strict(),
+            )
+            loss, per_row = sce_from_selection(h, w, safe, valid, rows, cols, reduction=reduction, backend=resolved)
     if reduction == "none":
         return poison(per_row, bad, per_row=True).reshape(inputs.target_shape)
     return poison(loss, bad, per_row=False)
@@ -213,6 +246,7 @@ class ScalableCrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
         generator: torch.Generator | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         super().__init__()
         check_options(ignore_index=ignore_index, reduction=reduction, label_smoothing=0.0, z_loss=0.0,
@@ -220,10 +254,10 @@ class ScalableCrossEntropyLoss(torch.nn.Module):
         _check_sce_options(n_buckets, bucket_size_x, bucket_size_y, mix_x, generator)
         self.options = dict(n_buckets=n_buckets, bucket_size_x=bucket_size_x, bucket_size_y=bucket_size_y,
                             mix_x=mix_x, ignore_index=ignore_index, reduction=reduction, generator=generator,
-                            backend=backend)
+                            backend=backend, process_group=process_group)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return scalable_cross_entropy(hidden, weight, targets, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "generator")
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k not in ("generator", "process_group"))

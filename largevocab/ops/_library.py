@@ -367,6 +367,10 @@ def _sce_module(backend: str):
 def bucket_lse_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                   cols: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse (G, R), positive (N,))`` of ``largevocab.ops.torch_sce.forward``."""
+    if weight.shape[0] == 0:  # an empty vocabulary-parallel shard: no item, no positive
+        acc = acc_dtype(hidden.dtype)
+        return torch.full(rows.shape, -math.inf, dtype=acc, device=hidden.device), hidden.new_zeros(
+            targets.shape, dtype=acc)
     return _sce_module(_sce_backend(backend, rows, cols, hidden)).forward(hidden, weight, targets, rows, cols)
 
 
@@ -390,6 +394,9 @@ def bucket_lse_backward_op(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh, dw)`` of :func:`bucket_lse_op` (empty where not needed), recomputing the bucket logits."""
+    if weight.shape[0] == 0:
+        grads = (torch.zeros_like(hidden), torch.zeros_like(weight))
+        return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)], (hidden, weight))
     module = _sce_module(_sce_backend(backend, rows, cols, hidden))
     grads = module.backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, tuple(needs))
     return _grads_or_empty(grads, (hidden, weight))

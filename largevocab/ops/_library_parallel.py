@@ -227,3 +227,114 @@ def _copy_backward(ctx, grad):
 
 
 vp_copy_op.register_autograd(_copy_backward, setup_context=_copy_setup)
+
+
+# ---------------------------------------------------------------------------------- Scalable Cross-Entropy
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_sce_select", mutates_args=())
+def vp_sce_select_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_buckets: int | None,
+    bucket_size_x: int | None, bucket_size_y: int, mix_x: bool, group_name: str, offset: int, vocab: int,
+    strict: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, local_cols, local_targets, owned, valid, bad)`` of vocabulary-parallel SCE.
+
+    The bucket vectors and rows come from the replicated hidden states (and the same generator state on every
+    rank); each bucket's top ``b_y`` items are the top of every rank's own top ``b_y``, all-gathered. Items and
+    targets held by another rank get the local id ``V_r`` (absent)."""
+    from ..scalable import bucket_plan, top_items
+    from ._library import current_generator
+
+    group = _group(group_name)
+    size = weight.shape[0]
+    _, valid, bad = check_targets(targets, vocab, ignore_index, strict)
+    buckets, rows, b_y = bucket_plan(hidden, valid, n_buckets, bucket_size_x, bucket_size_y, vocab, mix_x,
+                                     current_generator())
+    scores, ids = top_items(weight, buckets, b_y, offset=offset)
+    missing = b_y - scores.shape[1]  # a shard smaller than b_y pads with items that can never win
+    scores = torch.cat([scores, scores.new_full((scores.shape[0], missing), -math.inf)], 1)
+    ids = torch.cat([ids, ids.new_full((ids.shape[0], missing), -1)], 1)
+    world = dist.get_world_size(group)
+    every_scores = [torch.empty_like(scores) for _ in range(world)]
+    every_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(every_scores, scores.contiguous(), group=group)
+    dist.all_gather(every_ids, ids.contiguous(), group=group)
+    top = torch.cat(every_scores, 1).topk(b_y, dim=1)
+    cols = torch.cat(every_ids, 1).gather(1, top.indices) - offset
+    local_cols = torch.where((cols >= 0) & (cols < size), cols, torch.full_like(cols, size))
+    local, owned = _local_targets(targets, valid, offset, size)
+    local = torch.where(owned, local, torch.full_like(local, size))
+    return rows, local_cols, local, owned, valid, bad if bad is not None else torch.zeros_like(valid)
+
+
+@vp_sce_select_op.register_fake
+def _(hidden, weight, targets, ignore_index, n_buckets, bucket_size_x, bucket_size_y, mix_x, group_name, offset,
+      vocab, strict):
+    ctx = torch.library.get_ctx()
+    n_b = n_buckets if n_buckets is not None else ctx.new_dynamic_size()
+    index = dict(dtype=torch.long, device=hidden.device)
+    flags = dict(dtype=torch.bool, device=hidden.device)
+    n = targets.shape[0]
+    return (torch.empty((n_b, ctx.new_dynamic_size()), **index), torch.empty((n_b, min(bucket_size_y, vocab)), **index),
+            torch.empty((n,), **index), torch.empty((n,), **flags), torch.empty((n,), **flags),
+            torch.empty((n,), **flags))
+
+
+# ------------------------------------------------------------------------------------ sampled cross-entropy
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_sampled_partial", mutates_args=())
+def vp_sampled_partial_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, owned: torch.Tensor, negatives: torch.Tensor,
+    correction: torch.Tensor | None, remove_hits: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse_r, pos_r)`` of one shard (:mod:`largevocab.ops.torch_sampled_shard`); ids ``V_r`` are absent."""
+    from . import torch_sampled_shard
+
+    return torch_sampled_shard.forward(hidden, weight, targets, owned, negatives, correction, remove_hits)
+
+
+@vp_sampled_partial_op.register_fake
+def _(hidden, weight, targets, owned, negatives, correction, remove_hits):
+    acc = acc_dtype(hidden.dtype)
+    return hidden.new_empty((hidden.shape[0],), dtype=acc), hidden.new_empty((hidden.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op(f"{LIBRARY}::vp_sampled_partial_backward", mutates_args=())
+def vp_sampled_partial_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, owned: torch.Tensor, negatives: torch.Tensor,
+    correction: torch.Tensor | None, remove_hits: bool, lse: torch.Tensor, grad_lse: torch.Tensor | None,
+    grad_pos: torch.Tensor | None, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import torch_sampled_shard
+
+    grads = torch_sampled_shard.backward(hidden, weight, targets, owned, negatives, correction, remove_hits, lse,
+                                         grad_lse, grad_pos, tuple(needs))
+    return _grads_or_empty(grads, (hidden, weight))
+
+
+@vp_sampled_partial_backward_op.register_fake
+def _(hidden, weight, targets, owned, negatives, correction, remove_hits, lse, grad_lse, grad_pos, needs):
+    grads = (torch.empty_like(hidden), torch.empty_like(weight))
+    return _grads_or_empty([t if need else None for t, need in zip(grads, needs, strict=True)], (hidden, weight))
+
+
+def _partial_setup(ctx, inputs, output):
+    hidden, weight, targets, owned, negatives, correction, remove_hits = inputs
+    ctx.save_for_backward(hidden, weight, targets, owned, negatives, correction, output[0])
+    ctx.remove_hits = remove_hits
+    ctx.set_materialize_grads(False)
+
+
+def _partial_backward(ctx, grad_lse, grad_pos):
+    hidden, weight, targets, owned, negatives, correction, lse = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:2])
+    if grad_lse is None and grad_pos is None:
+        return (None,) * 7
+    dh, dw = torch.ops.largevocab.vp_sampled_partial_backward(
+        hidden, weight, targets, owned, negatives, correction, ctx.remove_hits, lse, grad_lse, grad_pos, list(needs))
+    return (dh if needs[0] else None), (dw if needs[1] else None), *(None,) * 5
+
+
+vp_sampled_partial_op.register_autograd(_partial_backward, setup_context=_partial_setup)

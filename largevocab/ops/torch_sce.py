@@ -2,7 +2,8 @@
 
 For G buckets, each pairing R rows of ``hidden`` with C rows (items) of ``weight`` by index, it computes
 ``lse[g, r] = logsumexp_c(<hidden[rows[g, r]], weight[cols[g, c]]>)`` over the items that are not that row's
-target (those are masked to -inf, so a row whose every candidate is its target gets -inf), and every row's
+target (those are masked to -inf, so a row whose every candidate is its target gets -inf; so is an item id equal
+to V, which marks an item held by another rank in the vocabulary-parallel form), and every row's
 positive logit ``<hidden[n], weight[targets[n]]>``. Both come from one op (``largevocab::bucket_lse``) so that
 backward builds a single (V, D) gradient buffer (two would each materialise one, and autograd would add them).
 Peak extra memory is O(chunk * R * C) logits plus the gathered rows of one chunk of buckets, never all G * R * C
@@ -25,23 +26,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bucket_logits(hidden, weight, targets, rows, cols):
-    """Masked logits (g, R, C) of a chunk of buckets in the accumulation dtype, and the gathered operands."""
+    """Masked logits (g, R, C) of a chunk of buckets in the accumulation dtype, the gathered operands and the
+    clamped item ids (an item id V is absent: -inf, as the row's own target is)."""
+    vocab = weight.shape[0]
+    items = cols.clamp(max=vocab - 1)
     xg = hidden[rows]  # (g, R, D)
-    wg = weight[cols]  # (g, C, D)
+    wg = weight[items]  # (g, C, D)
     logits = torch.bmm(xg, wg.transpose(1, 2)).to(_acc_dtype(hidden.dtype))
-    hit = cols.unsqueeze(1) == targets[rows].unsqueeze(2)
-    return logits.masked_fill_(hit, float("-inf")), xg, wg
+    dead = (cols.unsqueeze(1) == targets[rows].unsqueeze(2)) | (cols >= vocab).unsqueeze(1)
+    return logits.masked_fill_(dead, float("-inf")), xg, wg, items
 
 
 def positive_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``<hidden[n], weight[targets[n]]>`` (N,) in the accumulation dtype; ``targets`` must be in [0, V)."""
+    """``<hidden[n], weight[targets[n]]>`` (N,) in the accumulation dtype; ``targets`` in [0, V] (a target V, not
+    in this block of the vocabulary, reads row V - 1: its caller masks it)."""
     acc = _acc_dtype(hidden.dtype)
-    return (hidden.to(acc) * weight[targets].to(acc)).sum(dim=-1)
+    return (hidden.to(acc) * weight[targets.clamp(max=weight.shape[0] - 1)].to(acc)).sum(dim=-1)
 
 
 def add_positive_grad(grad_h, grad_w, hidden, weight, targets, grad_positive) -> None:
     """Accumulate the gradient of :func:`positive_logits` into the float32/float64 buffers (None = not needed)."""
-    items = targets
+    items = targets.clamp(max=weight.shape[0] - 1)
     g = grad_positive.unsqueeze(1)
     if grad_h is not None:
         grad_h.add_(g * weight[items].to(grad_h.dtype))
@@ -65,7 +70,7 @@ def forward(hidden, weight, targets, rows, cols, chunk_buckets: int | None = Non
     lse = torch.empty(rows.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     for start in range(0, rows.shape[0], chunk):
         part = slice(start, start + chunk)
-        logits, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
+        logits, _, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
         lse[part] = torch.logsumexp(logits, dim=-1)
     return lse, positive_logits(hidden, weight, targets)
 
@@ -85,7 +90,7 @@ def backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, 
         chunk = _chunk_buckets(rows, cols, chunk_buckets)
         for start in range(0, rows.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits, xg, wg = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
+            logits, xg, wg, items = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
             # A bucket row with every candidate masked has lse = -inf and no gradient (not NaN). A +inf logit
             # gives lse = +inf and, as torch.logsumexp's gradient, NaN at that entry and 0 elsewhere.
             live = (lse[part] > float("-inf")).unsqueeze(-1)
@@ -96,5 +101,5 @@ def backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, 
                 grad_h.index_add_(0, rows[part].reshape(-1), dx.reshape(-1, hidden.shape[1]))
             if need_w:
                 dw = torch.bmm(ds.transpose(1, 2), xg.to(acc))
-                grad_w.index_add_(0, cols[part].reshape(-1), dw.reshape(-1, weight.shape[1]))
+                grad_w.index_add_(0, items.reshape(-1), dw.reshape(-1, weight.shape[1]))  # absent items add 0
     return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)

@@ -58,7 +58,8 @@ def _bucket_lse_fwd_kernel(
             h_ptr, w_ptr, h_ptr, row, col, N, V, D, stride_hn, stride_wv, h_ptr,
             False, False, BLOCK_R, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
         )
-        live = mask_c[None, :] & (col[None, :] != tgt[:, None])
+        # Padding lanes and absent items (id V: held by another rank) are not live, nor is the row's target.
+        live = (col < V)[None, :] & (col[None, :] != tgt[:, None])
         # A row that has seen only masked items keeps lse -inf; a +inf logit gives +inf (torch.logsumexp's values).
         m, sum_exp = _online_lse(m, sum_exp, tl.where(live, s, float("-inf")))
     tl.store(lse_ptr + g * R + offs_r, _lse_of(m, sum_exp), mask=mask_r)
@@ -87,11 +88,12 @@ def _bucket_lse_bwd_kernel(
         h_ptr, w_ptr, h_ptr, row, col, N, V, D, stride_hn, stride_wv, h_ptr,
         False, False, BLOCK_R, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
     )
-    live = mask_c[None, :] & (col[None, :] != tgt[:, None]) & (lse > float("-inf"))[:, None]
+    present = col < V  # padding lanes and absent items (id V) are never read or written
+    live = present[None, :] & (col[None, :] != tgt[:, None]) & (lse > float("-inf"))[:, None]
     lse_safe = tl.where(lse > float("-inf"), lse, 0.0)
     ds = tl.where(live, tl.exp(s - lse_safe[:, None]), 0.0) * glse[:, None]
     _scatter_tile_grads(
-        ds, h_ptr, w_ptr, dh_ptr, dw_ptr, row, col, mask_r, mask_c, D, stride_hn, stride_wv,
+        ds, h_ptr, w_ptr, dh_ptr, dw_ptr, row, col, mask_r, present, D, stride_hn, stride_wv,
         NEED_DH, NEED_DW, BLOCK_D, ACC_DTYPE, UPCAST, DOT_PRECISION,
     )
 
