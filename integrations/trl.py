@@ -17,7 +17,8 @@ distillation model with a logit scale or soft cap, DeepSpeed ZeRO-3 partitioned 
 them; largevocab's does not).
 
 ``GKDTrainer`` (``trl.experimental.gkd``) is not patched: its ``compute_loss`` calls both models' full forward and
-takes ``outputs.logits``, so there is no seam between the hidden states and the loss. The README gives the recipe.
+takes ``outputs.logits``, so there is no seam between the hidden states and the loss. :func:`gkd_loss` is the
+recipe: the same loss from the backbones' hidden states, for a ``compute_loss`` override (see the README).
 """
 
 from __future__ import annotations
@@ -186,3 +187,38 @@ def patch(*, backend: str = "auto") -> TRLPatch:
     utils._ChunkedLogProbFunction = handle.log_probs
     distillation_trainer.ChunkedDivergenceFunction = handle.divergence
     return handle
+
+
+def gkd_loss(trainer, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+    """``GKDTrainer.compute_loss``'s loss without either model's logits: both backbones' last hidden states and
+    :func:`largevocab.linear_distillation_loss` (``trainer.beta``: 0 forward KL, 1 reverse KL, else the JSD; GKD
+    applies no temperature to this loss). Positions whose shifted label is -100 do not count; the sum is divided
+    by ``num_items_in_batch`` when given, else by the counted positions (GKD's ``batchmean``).
+
+    For one process: the student's backbone is called directly, not through a DDP/FSDP wrapper (use TRL's
+    DistillationTrainer, patched by :func:`patch`, for distributed runs). Models with a logit scale or soft cap
+    are refused (GKD's loss takes their transformed logits; this function has no transform).
+    """
+    student = trainer.accelerator.unwrap_model(model)
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    for m in (student, teacher):
+        config = m.config.get_text_config()
+        if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale",
+                                                                       "logits_scaling", "output_multiplier")):
+            raise ValueError(f"gkd_loss: {type(m).__name__} transforms its logits (scale or soft cap)")
+    batch = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    hidden_s = student.base_model(**batch).last_hidden_state[:, :-1]
+    trainer.teacher_model.eval()
+    with torch.no_grad():
+        hidden_t = teacher.base_model(**batch).last_hidden_state[:, :-1]
+    labels = inputs["labels"][:, 1:]
+    beta = trainer.beta
+    kind = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else "jsd"
+    head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
+    total = lv.linear_distillation_loss(
+        hidden_s, head_s.weight, hidden_t.to(hidden_s.dtype), head_t.weight.to(hidden_s.dtype), labels, kind=kind,
+        beta=beta if kind == "jsd" else 0.5, student_bias=head_s.bias,
+        teacher_bias=head_t.bias.to(hidden_s.dtype) if head_t.bias is not None else None, reduction="sum")
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    return total / (labels != -100).sum().clamp(min=1)

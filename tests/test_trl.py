@@ -344,3 +344,34 @@ def test_distillation_trainer_two_steps_match_unpatched(models, tmp_path, beta):
     logs = _assert_same_run(_run(make, False, _probe_distillation), _run(make, True, _probe_distillation),
                             ("loss", "entropy", "grad_norm"), models["policy"])
     assert logs[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_recipe_equals_gkds_own_loss(models, beta):
+    """gkd_loss (hidden states, fused) against GKDTrainer.generalized_jsd_loss on both models' full logits."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDTrainer
+
+    student = AutoModelForCausalLM.from_pretrained(models["policy"])
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, len(WORDS) + 4, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), teacher_model=teacher, beta=beta)
+    for num_items in (None, 11):
+        got = lv_trl.gkd_loss(trainer, student, inputs, num_items)
+        (grad,) = torch.autograd.grad(got, (student.get_output_embeddings().weight,))
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        want = GKDTrainer.generalized_jsd_loss(student(input_ids=ids, attention_mask=mask).logits[:, :-1],
+                                               t_logits[:, :-1], labels=labels[:, 1:], beta=beta,
+                                               num_items_in_batch=num_items)
+        (want_grad,) = torch.autograd.grad(want, (student.get_output_embeddings().weight,))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert _rel(grad, want_grad) < 1e-5
