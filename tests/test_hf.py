@@ -278,3 +278,44 @@ def test_real_tokens_qwen_tokenizer_on_tiny_shakespeare():
         optimizer.step()
     torch.testing.assert_close(torch.tensor(losses[0]), want.detach(), rtol=1e-5, atol=1e-5)
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_still_matches(use_reentrant):
+    model = tiny_model("qwen2").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    inputs = batch()
+
+    def run():  # reentrant checkpointing supports .backward() only
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        return out, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    want = run()
+    patch(model, backend="torch", materialize="error")
+    got = run()
+    assert got[0].logits is None
+    assert_same(got, want)
+
+
+def test_torch_compile_fullgraph_without_graph_breaks():
+    """The lazy logits, the requests to the output layer and the fused op trace into one graph."""
+    import torch._dynamo
+
+    model = tiny_model("llama").train()
+    inputs = batch()
+    want = loss_and_grads(model, inputs)
+    patch(model, backend="torch", materialize="error")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda **kw: model(**kw).loss)(**inputs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(**inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = out, list(torch.autograd.grad(out.loss, params))
+    assert out.logits is None
+    assert_same(got, want)
+    torch._dynamo.reset()

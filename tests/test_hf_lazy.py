@@ -275,3 +275,30 @@ def test_lazy_logits_report_metadata_without_materialising():
     model(torch.randn(B, T, D, dtype=torch.float64), labels=True)
     assert seen["shape"] == (B, T, V) and seen["dtype"] == torch.float32 and seen["numel"] == B * T * V
     assert seen["dim"] == 3 and seen["size"] == V and seen["float"] and seen["text"].startswith("LazyLogits(")
+
+
+def test_compiled_soft_cap_scale_and_z_loss_trace_without_graph_breaks():
+    import torch._dynamo
+
+    targets = torch.randint(0, V, (B * T,), generator=torch.Generator().manual_seed(3))
+    targets[::4] = -100
+
+    def z_loss(m, x):  # targets made outside: a generator inside the traced code is a graph break of its own
+        return F.cross_entropy(x.reshape(-1, V), targets) + 0.1 * torch.logsumexp(x, dim=-1).pow(2).mean()
+
+    program = [_scale("div"), _softcap("tanh_cap"), _cast("float"), _rows("view")]
+    model = Toy(program, z_loss, dtype=torch.float32)
+    hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    want = _run(model, hidden)
+    patch(model, backend="torch", materialize="error")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda h: model(h, labels=True)[0])(hidden)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss = compiled(hidden, labels=True)[0]
+    grads = torch.autograd.grad(loss, [hidden, *model.parameters()], allow_unused=True)
+    torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want[1], strict=True):
+        torch.testing.assert_close(torch.zeros_like(w) if g is None else g, w, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -95,7 +95,7 @@ def _lora_linear(module):
         if name not in module.lora_A:
             continue
         dropout = module.lora_dropout[name]
-        if name in module.lora_variant or (module.training and getattr(dropout, "p", 0) > 0):
+        if name in getattr(module, "lora_variant", {}) or (module.training and getattr(dropout, "p", 0) > 0):
             return None
         a, b = module.lora_A[name], module.lora_B[name]
         scaling = module.scaling[name]

@@ -147,13 +147,17 @@ class LazyLogits(torch.Tensor):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if (handler is None and getattr(func, "__name__", None) == "__get__"
-                and getattr(func.__self__, "__name__", None) in _METADATA_ATTRS):
-            handler = _metadata
+                and getattr(func.__self__, "__name__", None) not in _VALUE_ATTRS):
+            handler = _metadata  # shape, dtype, device, is_mkldnn, ... (Dynamo reads many of them)
+        if handler is None and _is_predicate(func):
+            handler = _metadata  # is_inference(), is_conj(), is_contiguous(), ... (fake-tensor conversion asks)
         if handler is not None:
             result = handler(func, args, kwargs)
             if result is not NotImplemented:
                 return result
         name = getattr(func, "__name__", repr(func))
+        if name == "__get__":
+            name = f"the attribute {getattr(func.__self__, '__name__', func.__self__)}"
         if name.endswith("_") and not name.endswith("__") or name.startswith("__i") or name == "__setitem__":
             raise UnsupportedModelError(
                 f"in-place {name} on lazy logits cannot be reproduced by the fused loss: compute it out of place, "
@@ -163,6 +167,11 @@ class LazyLogits(torch.Tensor):
     def __repr__(self, *, tensor_contents=None):
         ops = [kind for op in self._lv_tape for kind, _ in op.effects]
         return f"LazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, ops={ops})"
+
+
+def _is_predicate(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.startswith(("is_", "_is_")) and name != "is_nonzero"  # is_nonzero reads the value
 
 
 def make_lazy(source, hidden: torch.Tensor, tape: tuple, vocab: int, dtype: torch.dtype, rows_full: bool):
@@ -212,10 +221,7 @@ def _materialise_and_call(func, args, kwargs, name):
 # Handlers: each returns a result, or NotImplemented to materialise.
 
 _HANDLERS: dict[Callable, Callable] = {}
-_METADATA_ATTRS = {
-    "shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu", "is_meta", "layout", "is_leaf",
-    "grad_fn", "is_sparse", "is_quantized", "is_nested", "names", "grad", "_base", "is_mps", "is_xpu",
-}
+_VALUE_ATTRS = {"data", "real", "imag", "T", "mT", "H", "mH"}  # attributes that carry the values: materialised
 
 
 def _handles(*funcs):
@@ -231,7 +237,7 @@ T = torch.Tensor
 
 
 @_handles(T.size, T.dim, T.ndimension, T.numel, T.nelement, T.__len__, T.is_floating_point, T.is_complex,
-          T.element_size, T.get_device)
+          T.element_size, T.get_device, T.stride, T.storage_offset, T.untyped_storage, T.data_ptr, T.dim_order)
 def _metadata(func, args, kwargs):
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import types
 import weakref
@@ -34,8 +35,9 @@ _TRL_MODULE = "trl.trainer.sft_trainer"
 
 
 def _is_trl_forward(forward) -> bool:
-    func = getattr(forward, "__func__", forward)
-    return getattr(func, "__name__", "") == "_fused_forward" and getattr(func, "__module__", "").startswith("trl")
+    # TRL wraps its forward with functools.wraps(type(model).forward): only the code object keeps its own name.
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward" and f"{os.sep}trl{os.sep}" in code.co_filename
 
 
 def trl_fused_forward(model):
