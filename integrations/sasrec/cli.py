@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-loss-memory", action="store_true", help="skip the loss peak-memory measurement")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--out", default=None, help="directory for best.pt and metrics.json")
+    run.add_argument("--shard-items", action="store_true",
+                     help="shard the item table over the ranks of torchrun / accelerate launch (vocabulary "
+                          "parallel; cce, sce, sampled; --batch-size is the global batch); see sasrec.sharded_train")
     return p
 
 
@@ -221,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.shard_items:
+        from .sharded_train import run_cli
+
+        return run_cli(args, split, model, loss_fn, config)
     print(f"data {args.data}: {split.num_items} items, {len(split.train)} training histories, "
           f"{len(split.test_targets)} evaluated users; loss {args.loss}; device {config.device}", file=sys.stderr)
     result = train(model, split, loss_fn, config, log=lambda line: print(line, file=sys.stderr))
