@@ -88,6 +88,7 @@ def sft_forward(model, args, kwargs, settings, heads):
     call = functools.partial(getattr(cls_forward, _PATCH_MARK, cls_forward), model)
     outputs, context = run_fused(model, call, args, kwargs, settings, heads, per_token=True)
     lazy, per_token, targets, ignore_index = _the_cross_entropy(model, context)
+    raw_targets = targets
     batch = (shift_labels if shift_labels is not None else labels).shape
     rows = per_token.reshape(batch[0], -1)
     targets = targets.reshape(batch[0], -1)
@@ -102,7 +103,8 @@ def sft_forward(model, args, kwargs, settings, heads):
     keep = slice(None) if shift_labels is not None else slice(0, -1)
     log_probs, targets = -rows[:, keep], targets[:, keep]
     mask = targets != ignore_index
-    entropy, top1 = _entropy_and_argmax(lazy)
+    entropy, top1 = _entropy_and_argmax(lazy, raw_targets, ignore_index,
+                                        context.settings.options.get("backend", "auto"))
     entropy = entropy.reshape(batch[0], -1)[:, keep].masked_fill(~mask, 0.0)
     is_top1 = (top1.reshape(batch[0], -1)[:, keep] == targets) & mask
     return FusedCausalLMOutput(loss=outputs.loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1,
@@ -125,13 +127,28 @@ def _the_cross_entropy(model, context):
     return lazy, per_token, targets, ignore_index
 
 
-def _entropy_and_argmax(lazy):
+def _entropy_and_argmax(lazy, targets, ignore_index, backend):
+    """Per-row entropy and argmax of the lazy logits, no grad: the fused core's ops where the logits have a fused
+    form, else the head's forward and the replayed tape in row chunks."""
+    import largevocab as lv
+
     def entropy(logits):
         log_p = torch.log_softmax(logits.float(), dim=-1)
         return -(log_p.exp() * log_p).sum(-1)
 
+    def run(module):
+        fused = source._fused(module, lazy)
+        if fused is None:
+            return chunked_rows(module, lazy, entropy, lambda x: x.argmax(-1))
+        hidden, weight, bias, softcap = fused
+        with torch.no_grad():
+            _, ent = lv.linear_log_probs(hidden, weight, targets.reshape(hidden.shape[:-1]), bias=bias,
+                                         softcap=softcap, ignore_index=ignore_index, return_entropy=True,
+                                         backend=backend)
+            return ent, lv.linear_argmax(hidden, weight, bias=bias, softcap=softcap, backend=backend)
+
     source = lazy._lv_source
-    return source._request(lambda module: chunked_rows(module, lazy, entropy, lambda x: x.argmax(-1)))
+    return source._request(run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
