@@ -326,3 +326,32 @@ def test_sample_negatives_validates_targets(targets, kwargs, error, fragment):
 def test_factorized_embedding_refuses_a_non_finite_std(std):
     with pytest.raises(ValueError, match="std"):
         lv.FactorizedEmbedding(10, 4, 8, std=std)
+
+
+def test_deferred_cuda_checks_raise_at_the_first_call_that_finds_them_done():
+    """The non-strict CUDA path (torch.compile) copies its verdict to the host without a sync; a later call raises
+    once the copy has landed, in order, and a pending copy does not block (simulated: no GPU here)."""
+    from largevocab.ops._library import _PendingChecks
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    checks = _PendingChecks()
+    ok, late = Event(True), Event(False)
+    checks.items = [(ok, torch.tensor([0, 0]), "never {}"), (late, torch.tensor([1, 77]), "target {} out of range")]
+    checks.raise_ready()  # the second copy has not landed: nothing to report yet, nothing waited for
+    assert len(checks.items) == 1 and not late.done
+    late.done = True
+    with pytest.raises(ValueError, match="target 77 out of range.*earlier call"):
+        checks.raise_ready()
+    assert checks.items == []
+    checks.items = [(Event(False), torch.tensor([1, -5]), "target {}")]
+    with pytest.raises(ValueError, match="target -5"):
+        checks.raise_ready(wait=True)  # largevocab.ops._library.raise_pending_errors() waits
