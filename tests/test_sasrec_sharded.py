@@ -44,10 +44,15 @@ def _split():
     return leave_one_out(SequenceData(sequences, V, np.arange(USERS)))
 
 
-def _model(seed=0):
+def _model(seed=0, tie_output=True):
     torch.manual_seed(seed)
-    config = SASRecConfig(num_items=V, hidden_dim=D, num_blocks=1, num_heads=2, max_len=L, dropout=0.0)
+    config = SASRecConfig(num_items=V, hidden_dim=D, num_blocks=1, num_heads=2, max_len=L, dropout=0.0,
+                          tie_output=tie_output)
     return SASRec(config).double()
+
+
+# One-step gradient cases: (loss, tied output table). Untied: two sharded tables, the loss reads the output one.
+GRADIENT_CASES = (("cce", True), ("sce", False))
 
 
 def _config():
@@ -88,12 +93,12 @@ def worker(rank, world, tmp, reference_checkpoint):
     )
     from largevocab.integrations.sasrec.sharded_train import (
         data_parallel,
-        padded_global,
-        split_batch,
         export_table_checkpoint,
         load_sharded_checkpoint,
         load_table_checkpoint_sharded,
+        padded_global,
         save_sharded_checkpoint,
+        split_batch,
         train_sharded,
     )
 
@@ -108,14 +113,18 @@ def worker(rank, world, tmp, reference_checkpoint):
     lv.parallel.set_replication_check(False)
 
     # One step's gradients, assembled from the public pieces as train_sharded does, on the last (padded) batch.
-    stepped = shard_items(_model(), group)
+    out["grads"] = {}
     inputs, targets = _last_batch(split)
     per_rank = -(-_config().batch_size // world)
-    ddp = data_parallel(stepped)  # kept alive through backward: its reducer sums the gradients
-    hidden = gather_rows(ddp(split_batch(inputs, world, rank, per_rank)), group)
-    loss = ShardedItemLoss(build_loss("cce"))(hidden, padded_global(targets, world, per_rank), item_table(stepped))
-    loss.backward()
-    out["grads"] = {"loss": loss.detach(), **{n: p.grad.clone() for n, p in stepped.named_parameters()}}
+    for name, tied in GRADIENT_CASES:
+        stepped = shard_items(_model(tie_output=tied), group)
+        ddp = data_parallel(stepped)  # kept alive through backward: its reducer sums the gradients
+        hidden = gather_rows(ddp(split_batch(inputs, world, rank, per_rank)), group)
+        loss = ShardedItemLoss(build_loss(name, seed=3, **LOSSES[name]))(
+            hidden, padded_global(targets, world, per_rank), item_table(stepped))
+        loss.backward()
+        out["grads"][name, tied] = {"loss": loss.detach(),
+                                    **{n: p.grad.clone() for n, p in stepped.named_parameters()}}
 
     users, table, exclude = _tie_problem()
     chunk = -(-(V + 1) // world)
@@ -163,7 +172,7 @@ def _assert_shards_match(states, full, what):
     for rank, state in enumerate(states):
         assert state.keys() == full.keys()
         for key, value in full.items():
-            want = value[rank * chunk:(rank + 1) * chunk] if key == "item_emb.weight" else value
+            want = value[rank * chunk:(rank + 1) * chunk] if key in ("item_emb.weight", "out_emb.weight") else value
             # atol: Adam turns the float noise of a zero gradient (the attention's key bias) into ~1e-12 steps.
             torch.testing.assert_close(state[key], want, rtol=1e-9, atol=1e-10, msg=f"{what}: {key}, rank {rank}")
 
@@ -184,16 +193,17 @@ def test_two_ranks_train_the_single_process_trajectory(sharded, name):
     _assert_shards_match([r["train"][name]["state"] for r in ranks], _state(model), name)
 
 
-def test_one_step_gradients_equal_the_single_process_gradients(sharded):
-    """The transformer's gradients summed by DDP, each shard's rows of the table gradient (from the loss and from
+@pytest.mark.parametrize(("name", "tied"), GRADIENT_CASES)
+def test_one_step_gradients_equal_the_single_process_gradients(sharded, name, tied):
+    """The transformer's gradients summed by DDP, each shard's rows of the table gradients (from the loss and from
     every rank's lookups), on a batch where one rank has padding rows."""
     _, _, ranks = sharded
-    model = _model()
+    model = _model(tie_output=tied)
     inputs, targets = _last_batch(_split())
-    loss = build_loss("cce")(model(inputs), model.item_weight(), targets)
+    loss = build_loss(name, seed=3, **LOSSES[name])(model(inputs), model.item_weight(), targets)
     loss.backward()
     want = {"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
-    _assert_shards_match([r["grads"] for r in ranks], want, "gradient")
+    _assert_shards_match([r["grads"][name, tied] for r in ranks], want, f"gradient {name}, tied {tied}")
 
 
 def test_merged_shard_topk_equals_the_whole_catalogue_topk(sharded):
