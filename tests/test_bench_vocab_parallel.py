@@ -45,3 +45,18 @@ def test_smoke_run_reports_the_docstring_floor_and_the_unsharded_loss(tmp_path):
         assert int(row["sent_bytes"]) >= int(row["ring_bytes"]) > 0
         assert int(row["state_bytes"]) == 2 * (v // 2) * d * 4
         assert float(row["ms"]) > 0 and int(row["peak_bytes"]) > 0
+
+
+def test_paper_model_numbers(capsys):
+    """The README's on-paper numbers come from benchmarks/vocab_parallel_model.py; spot-check its arithmetic."""
+    sys.path.insert(0, BENCH)
+    try:
+        import vocab_parallel_model as model
+    finally:
+        sys.path.remove(BENCH)
+    h = model.head(100_000_000, 64, 8, 65536, 4)
+    assert h["rank_bytes"] == 100_000_000 * 64 // 8 * 16 == 12.8e9
+    assert h["loss_sent"] == 1.75 * (3 * 65536 * 4 + 65536 * 64 * 4)
+    lm = model.head(256_000, 8192, 8, 65536, 2)
+    assert lm["rank_bytes"] == 256_000 * 8192 / 8 * 16 and lm["logit_bytes"] == 2 * 65536 * 256_000 * 4
+    assert model.main([]) == 0 and "12.8 GB" in capsys.readouterr().out
