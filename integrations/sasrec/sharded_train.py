@@ -381,6 +381,11 @@ def run_cli(args, split: Split, model: SASRec, loss_fn: SASRecLoss, config: Trai
             print(f"data {args.data}: {split.num_items} items, {len(split.train)} training histories, "
                   f"{len(split.test_targets)} evaluated users; loss {args.loss}; {dist.get_world_size()} ranks, "
                   f"catalogue sharded; device {device}", file=sys.stderr)
+            if dist.get_world_size() == 1:
+                # accelerate's default launcher on a machine without GPUs starts one process, whatever
+                # --num_processes says: nothing tells this process that more were asked for.
+                print("note: 1 rank, the catalogue is not split; start ranks with torchrun, or with accelerate "
+                      "launch --multi_gpu (its torchrun launcher, gloo on CPU)", file=sys.stderr)
         result = train_sharded(model, split, loss_fn, config, log=lambda line: print(line, file=sys.stderr))
         if main:
             result["data"] = os.path.abspath(args.data)
