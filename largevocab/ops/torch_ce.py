@@ -14,6 +14,14 @@ Two entry points, used by the custom op of :mod:`largevocab.ops._library`:
 * :func:`backward` — the gradients for arbitrary per-token upstream gradients of the loss and of the LSE
   (``reduction="none"``, a gradient through the returned LSE): recomputes the logits.
 
+When the recompute path is used: forward-only calls (no input needs a gradient), ``reduction="none"`` (per-token
+upstream weights that one scalar cannot apply) and ``linear_cross_entropy_with_lse`` (its LSE may receive a
+gradient of its own). Memory: the fused path allocates the same dH / float32 dW buffers a backward would, only at
+the end of the forward instead of at the start of the backward; for a loss that is the last op before
+``backward()`` (the usual training step) the peak is the same. A program that keeps several such losses alive
+before one backward holds one dW per loss in the meantime; ``reduction="none"`` followed by its own ``.sum()``
+keeps the recompute path's profile there.
+
 It is also the test oracle of the Triton kernels: both compute the quantities described in
 ``largevocab.cross_entropy``, with the non-finite cases of the materialised computation (see
 :func:`largevocab._common.combine_loss`).
