@@ -325,3 +325,19 @@ def test_bad_input_raises_a_clear_error(case):
     with pytest.raises(error) as info:
         call(*small())
     assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_ignored_row_of_nan_logits_leaves_the_gradients_finite(backend, kind):
+    """Row 3's logits overflow to +-inf in both models; ignored, it adds nothing to any gradient."""
+    student, teacher, targets = make_inputs(lead=(20,), v=1031, bias=True, ignore_every=0, dtype=torch.float32)
+    with torch.no_grad():
+        student[0][3] *= 1e38
+        teacher[0][3] *= 1e38
+    targets[3] = IGNORE
+    for reduction in ("mean", "none"):
+        upstream = torch.ones(20) if reduction == "none" else None
+        got = loss_and_grads(lv.linear_distillation_loss, student, teacher, targets, upstream, kind=kind,
+                             reduction=reduction, backend=backend)
+        assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[1:])

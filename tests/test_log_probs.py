@@ -456,3 +456,17 @@ def test_bad_input_raises_a_clear_error(case):
     with pytest.raises(error) as info:
         call(*small())
     assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ignored_row_of_nan_logits_leaves_the_gradients_finite(backend):
+    """Row 3's logits overflow to +-inf (a NaN hidden entry would reach dW through dZ^T @ H in any implementation,
+    torch's included); ignored, it adds nothing to any gradient."""
+    hidden, weight, targets, bias = make_inputs(lead=(20,), v=1031, bias=True, ignore_every=0, dtype=torch.float32)
+    with torch.no_grad():
+        hidden[3] *= 1e38
+    targets[3] = IGNORE
+    got = outputs_and_grads(lv.linear_log_probs, hidden, weight, targets, bias, torch.ones(20), torch.ones(20),
+                            backend=backend)
+    assert got[0][3] == 0 and got[1][3] == 0
+    assert all(torch.isfinite(g).all() for g in got[2:])

@@ -123,6 +123,10 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
     db = torch.zeros(vocab, dtype=acc, device=student_weight.device) if need_b else None
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     step = block_rows(vocab)
+    if g is not None:
+        # Ignored rows get zero gradient; zeroed inputs keep it zero where their logits are not finite (0 * NaN).
+        student_hidden = torch.where(valid.unsqueeze(1), student_hidden, torch.zeros_like(student_hidden))
+        teacher_hidden = torch.where(valid.unsqueeze(1), teacher_hidden, torch.zeros_like(teacher_hidden))
     for start in range(0, n_rows, chunk_rows):
         h = student_hidden[start:start + chunk_rows]
         s = _logits(h, student_weight, student_bias)

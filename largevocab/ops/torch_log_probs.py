@@ -30,6 +30,11 @@ import torch
 from .._common import acc_dtype
 from .torch_ce import CACHE_BLOCK_ELEMENTS, _logits, default_chunk_rows
 
+# log p of a token of probability 0 (a -inf logit) is clamped to this: e^x underflows to exactly 0 from -104 in
+# float32 and -745 in float64, so nothing changes for finite logits, while p log p becomes 0 (not 0 * -inf) and a
+# per-row coefficient times log p cannot overflow.
+LOG_ZERO = -1000.0
+
 
 @dataclass(frozen=True)
 class LogProbOptions:
@@ -45,18 +50,25 @@ def block_rows(vocab: int) -> int:
     return max(1, CACHE_BLOCK_ELEMENTS // vocab)
 
 
-def transform_(z: torch.Tensor, softcap: float | None, temperature: float, cap_grad: bool = False):
-    """Turn raw logits ``z`` into ``softcap(z) / temperature`` in place; returns the soft cap's derivative
-    ``1 - tanh^2`` when ``cap_grad`` and a soft cap are given, else None."""
+def final_logits(h, weight, bias, softcap: float | None, temperature: float, cap_grad: bool = False):
+    """``(softcap(h @ W.T + b) / T, 1 - tanh^2 or None)``: (rows, V) in the accumulation dtype.
+
+    The first scale (1 / softcap, or 1 / T without a cap) is applied to ``h`` and ``b`` before the GEMM rather than
+    as an elementwise pass over the (rows, V) logits; the soft cap's derivative is returned only with ``cap_grad``.
+    """
+    acc = acc_dtype(h.dtype)
+    scale = 1.0 / softcap if softcap is not None else 1.0 / temperature
+    if scale != 1.0:
+        h = h.to(acc) * scale
+        bias = bias.to(acc) * scale if bias is not None else None
+    z = _logits(h, weight, bias)
     grad = None
     if softcap is not None:
-        z.div_(softcap).tanh_()
+        z.tanh_()
         if cap_grad:
             grad = 1.0 - z.square()
-        z.mul_(softcap)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return grad
+        z.mul_(softcap / temperature)
+    return z, grad
 
 
 def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
@@ -73,12 +85,13 @@ def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
     x = s.sub_(shift.unsqueeze(1))
     if not entropy:
         return target_logit - shift, shift, x.exp_().sum(dim=1).log_(), None
+    # A -inf logit: e^x is still 0 and e^x x is 0, not 0 * -inf (0 log 0 = 0).
+    x.clamp_(min=LOG_ZERO)
     e = x.exp()
     sum_e = e.sum(dim=1)
     log_sum = sum_e.log()
-    # e * x is 0 * -inf = NaN at a -inf logit, whose p log p is 0.
-    ex = e.mul_(x).masked_fill_(x == -math.inf, 0.0)
-    return target_logit - shift, shift, log_sum, log_sum - ex.sum(dim=1) / sum_e
+    e_dot_x = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+    return target_logit - shift, shift, log_sum, log_sum - e_dot_x / sum_e
 
 
 def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_rows: int | None = None):
@@ -97,11 +110,10 @@ def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_ro
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     step = block_rows(vocab)
     for start in range(0, n_rows, chunk_rows):
-        z = _logits(hidden[start:start + chunk_rows], weight, bias)
+        z, _ = final_logits(hidden[start:start + chunk_rows], weight, bias, opts.softcap, opts.temperature)
         for r0 in range(0, z.shape[0], step):
             r = slice(r0, r0 + step)
             rows = slice(start + r0, start + r0 + z[r].shape[0])
-            transform_(z[r], opts.softcap, opts.temperature)
             target_rel[rows], norm[0, rows], norm[1, rows], block_ent = _block_stats(z[r], targets[rows],
                                                                                       opts.entropy)
             if block_ent is not None:
@@ -118,26 +130,24 @@ def finish(target_rel, norm, ent, valid):
     return torch.where(valid, logp, zeros), torch.where(valid, ent, zeros), norm
 
 
-def _block_grad(s, shift, log_sum, ent, targets, g_logp, g_ent):
-    """Overwrite a block of final logits ``s`` with d(sum g_logp logp + g_ent entropy) / d s (None: no gradient)."""
+def _block_grad(s, shift, log_sum, ent, targets, g_logp, g_ent, inv_t):
+    """Overwrite a block of final logits ``s`` with d(sum g_logp logp + g_ent entropy) / d(s T) (None: no
+    gradient); with t = s and p = softmax(t): -p (g_ent (log p + entropy) + g_logp) + g_logp [v == y], over T.
+
+    The per-row coefficients carry 1 / T, and a NaN coefficient (backward's mark of a row with a non-finite lse)
+    makes its whole row NaN, so no extra pass over the block is needed for either.
+    """
     log_p = s.sub_(shift.unsqueeze(1)).sub_(log_sum.unsqueeze(1))
     if g_ent is None:
-        ds = log_p.exp_().mul_(-g_logp.unsqueeze(1))
+        ds = log_p.exp_().mul_((-inv_t * g_logp).unsqueeze(1))
     else:
-        p = log_p.exp()
-        coef = log_p.add_(ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1))  # g_ent (log p + entropy)
-        if g_logp is not None:
-            coef.add_(g_logp.unsqueeze(1))
-        # A -inf logit has p = 0 and log p = -inf: its gradient is 0, not 0 * inf.
-        coef.masked_fill_(p == 0, 0.0)
-        ds = coef.mul_(p).neg_()
+        # A -inf logit: p = 0 and log p = -inf; clamped, p log p is 0 instead of 0 * -inf.
+        p = log_p.clamp_(min=LOG_ZERO).exp()
+        offset = g_ent * ent + (g_logp if g_logp is not None else 0.0)
+        ds = log_p.mul_((-inv_t * g_ent).unsqueeze(1)).add_((-inv_t * offset).unsqueeze(1)).mul_(p)
     if g_logp is not None:
         rows = torch.arange(ds.shape[0], device=ds.device)
-        ds[rows, targets] += g_logp
-    # A NaN upstream gradient (backward's mark of a row with a non-finite lse) spreads over its whole row.
-    for g in (g_logp, g_ent):
-        if g is not None:
-            ds.masked_fill_(torch.isnan(g).unsqueeze(1), math.nan)
+        ds[rows, targets] += inv_t * g_logp
     return ds
 
 
@@ -160,6 +170,8 @@ def backward(hidden, weight, bias, targets, valid, norm, ent, opts: LogProbOptio
         return torch.where(bad_row, torch.full_like(g, math.nan), g)
 
     g_logp, g_ent = per_token(g_logp), per_token(g_ent)
+    # Ignored rows get zero gradient; zeroed inputs keep it zero where their logits are not finite (0 * NaN).
+    hidden = torch.where(valid.unsqueeze(1), hidden, torch.zeros_like(hidden))
     dh = torch.zeros_like(hidden) if need_h else None
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
@@ -168,18 +180,15 @@ def backward(hidden, weight, bias, targets, valid, norm, ent, opts: LogProbOptio
         step = block_rows(vocab)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
-            z = _logits(h, weight, bias)
+            z, cap_grad = final_logits(h, weight, bias, opts.softcap, opts.temperature, cap_grad=True)
             for r0 in range(0, z.shape[0], step):
                 r = slice(r0, r0 + step)
                 rows = slice(start + r0, start + r0 + z[r].shape[0])
-                cap_grad = transform_(z[r], opts.softcap, opts.temperature, cap_grad=True)
                 ds = _block_grad(z[r], norm[0, rows], norm[1, rows], ent[rows], targets[rows],
                                  g_logp[rows] if g_logp is not None else None,
-                                 g_ent[rows] if g_ent is not None else None)
-                if opts.temperature != 1.0:
-                    ds.div_(opts.temperature)
+                                 g_ent[rows] if g_ent is not None else None, 1.0 / opts.temperature)
                 if cap_grad is not None:
-                    ds.mul_(cap_grad)
+                    ds.mul_(cap_grad[r])
             if need_h:
                 dh[start:start + chunk_rows] = z.to(weight.dtype) @ weight
             if need_w:
@@ -199,7 +208,6 @@ def argmax(hidden, weight, bias, softcap: float | None, chunk_rows: int | None =
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
-        z = _logits(hidden[start:start + chunk_rows], weight, bias)
-        transform_(z, softcap, 1.0)
+        z, _ = final_logits(hidden[start:start + chunk_rows], weight, bias, softcap, 1.0)
         out[start:start + chunk_rows] = z.argmax(dim=-1)
     return out

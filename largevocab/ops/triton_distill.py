@@ -244,7 +244,8 @@ def _distill_bwd_kernel(
     ds = d * (g * tl.load(param_ptr + PARAM_INV_TEMPERATURE))[:, None]
     # A NaN upstream gradient (the launcher's mark of a row with a non-finite LSE) spreads over its whole row.
     ds = tl.where((g != g)[:, None], float("nan"), ds)
-    ds = tl.where(live, ds, 0.0)
+    # An ignored row (g = 0) stays 0 even if its logits are NaN.
+    ds = tl.where(live & (g != 0.0)[:, None], ds, 0.0)
     if NEED_DB:
         tl.atomic_add(db_ptr + offs_v, tl.sum(ds, axis=0), mask=mask_v)
     _scatter_tile_grads(

@@ -113,17 +113,20 @@ def _logp_grad_tile(
         tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)
         ds += g[:, None] * (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p)
     row_nan = offs_n < 0  # all False
+    row_live = offs_n < 0  # rows with a gradient: an ignored row (g = 0) stays 0 even if its logits are NaN
     if HAS_GRAD_LOGP:
         row_nan = row_nan | (g != g)
+        row_live = row_live | (g != 0.0)
     if HAS_GRAD_ENT:
         g_ent = tl.load(gent_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         # A -inf logit (p = 0, log p = -inf) gets no gradient rather than 0 * inf.
         ds -= g_ent[:, None] * p * (tl.where(p > 0.0, log_p, 0.0) + ent[:, None])
         row_nan = row_nan | (g_ent != g_ent)
+        row_live = row_live | (g_ent != 0.0)
     # A NaN upstream gradient (the launcher's mark of a row with a non-finite lse) spreads over its whole row.
     ds = tl.where(row_nan[:, None], float("nan"), ds)
-    ds = tl.where(live, ds, 0.0) * inv_t
+    ds = tl.where(live & row_live[:, None], ds, 0.0) * inv_t
     if HAS_SOFTCAP:
         t = s / tl.load(param_ptr + PARAM_SOFTCAP)
         ds = ds * (1.0 - t * t)
