@@ -46,6 +46,7 @@ from harness import append_csv, device_name, run_worker, versions
 
 LOSSES = ("ce", "sce")
 SEED = 0
+WEIGHT_BLOCK_ROWS = 4096  # rows of the table built at a time (float64 temporaries of 4096 x D)
 SMOKE = dict(ranks="2", losses="ce,sce", v="3000", n="256", d="16", repeats=1)
 # Collectives the losses (and their first-use shape exchange) call; the byte factor a ring algorithm sends per rank.
 COLLECTIVES = {"all_reduce": lambda w: 2 * (w - 1) / w, "all_gather": lambda w: w - 1,
@@ -86,10 +87,15 @@ def _rss_bytes() -> int:
 
 
 def weight_rows(lo: int, hi: int, d: int) -> torch.Tensor:
-    """Rows [lo, hi) of a (V, d) table whose entries depend only on (row, column): the same at any split."""
-    rows = torch.arange(lo, hi, dtype=torch.float64)[:, None]
-    cols = torch.arange(d, dtype=torch.float64)[None, :]
-    return (torch.sin(rows * 0.7548776662 + cols * 1.3247179572) * d**-0.5).float()
+    """Rows [lo, hi) of a (V, d) float32 table whose entries depend only on (row, column): the same at any split.
+    Filled in blocks, so that its float64 temporaries (inside the memory measurement) stay small."""
+    out = torch.empty(hi - lo, d)
+    cols = torch.arange(d, dtype=torch.float64)[None, :] * 1.3247179572
+    for start in range(lo, hi, WEIGHT_BLOCK_ROWS):
+        stop = min(start + WEIGHT_BLOCK_ROWS, hi)
+        rows = torch.arange(start, stop, dtype=torch.float64)[:, None] * 0.7548776662
+        out[start - lo:stop - lo] = torch.sin(rows + cols) * d**-0.5
+    return out
 
 
 def sce_sizes(n: int, v: int) -> tuple[int, int, int]:
