@@ -24,10 +24,12 @@ recorded raises. A model whose forward never calls its output layer gets a one-t
 effect. A model without a linear output layer is refused at patch time.
 
 Distributed and wrapped heads. Every value is computed *inside a call of the output layer* (``_head.py``): the lazy
-tensor calls the layer again with an opaque request, so FSDP2 / FSDP / ZeRO-3 gather its weight for the fused
+tensor calls the layer again with an opaque request, so FSDP2 and FSDP gather its weight for the fused
 forward and, through the hooks they put on that call's outputs, again for the fused backward. PEFT's LoRA on the
 head (``W + scale * B @ A``, built as a (V, D) tensor so autograd routes the gradients) and
-``modules_to_save=["lm_head"]`` are fused too; other adapter kinds on the head run their own forward.
+``modules_to_save=["lm_head"]`` are fused too; other adapter kinds on the head run their own forward. DeepSpeed
+ZeRO-3 does not work yet (its pre-backward Function detaches the lazy logits; the fused loss then has no graph, which
+DeepSpeed refuses).
 
 TRL's ``SFTTrainer`` replaces the model's forward with a fused head of its own; patching before or after the
 trainer is built routes that protocol through the model's own (patched) forward instead (``_trl.py``).

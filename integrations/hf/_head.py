@@ -2,7 +2,7 @@
 
 Each value a lazy tensor needs (a cross-entropy, a log-sum-exp, an argmax, or the real logits) is computed by
 calling the output layer again, through its own ``__call__``, with an opaque :class:`Request` as its input. Its
-hooks run around the computation as around any forward: FSDP2 / FSDP / ZeRO-3 gather the weight before it and
+hooks run around the computation as around any forward: FSDP2 and FSDP gather the weight before it and
 register their pre-backward hooks on its outputs, so the weight is gathered again when the fused backward runs.
 The request object is no tensor and no container, so those frameworks pass it through untouched.
 """
