@@ -2,7 +2,6 @@
 
 import math
 
-import posttrain_reference as ref
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +9,8 @@ from hypothesis import strategies as st
 
 import largevocab as lv
 from largevocab.ops import torch_distill, triton_distill
+
+import posttrain_reference as ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -355,3 +355,30 @@ def test_deferred_cuda_checks_raise_at_the_first_call_that_finds_them_done():
     checks.items = [(Event(False), torch.tensor([1, -5]), "target {}")]
     with pytest.raises(ValueError, match="target -5"):
         checks.raise_ready(wait=True)  # largevocab.ops._library.raise_pending_errors() waits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_inside_an_autocast_block_keeps_float32_gradients(backend):
+    """backward() called inside the autocast block runs the ops' backward under autocast too; their float32
+    accumulations must not be cast down."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(20, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (20,), generator=gen)
+    calls = {
+        "ce none": lambda h, w: lv.linear_cross_entropy(h, w, targets, reduction="none", backend=backend).sum(),
+        "sce": lambda h, w: lv.scalable_cross_entropy(h, w, targets, bucket_size_y=9, backend=backend,
+                                                      generator=torch.Generator().manual_seed(1)),
+        "sampled": lambda h, w: lv.sampled_cross_entropy(h, w, targets, negatives=torch.arange(0, 50, 3),
+                                                         backend=backend),
+    }
+    for name, call in calls.items():
+        want = torch.autograd.grad(call(hidden, weight), (hidden, weight))
+        h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = call(h32.bfloat16(), w32.bfloat16())
+            got = torch.autograd.grad(loss, (h32, w32))
+        plain = torch.autograd.grad(call(h32.bfloat16(), w32.bfloat16()), (h32, w32))
+        for g, p in zip(got, plain, strict=True):
+            torch.testing.assert_close(g, p, rtol=0, atol=0, msg=name)  # autocast changed nothing inside
+        assert all(torch.isfinite(g).all() for g in want)

@@ -7,9 +7,10 @@ Each spawn runs a whole table of cases (starting processes costs seconds; the ca
 
 import pytest
 import torch
-from distributed import run_ranks
 
 import largevocab as lv
+
+from distributed import run_ranks
 
 V, D, N = 67, 12, 21  # odd sizes: uneven shards and ragged kernel blocks
 CE_OPTIONS = {

@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from distributed import run_ranks
 
 from largevocab.integrations.sasrec import (
     SASRec,
@@ -31,6 +30,8 @@ from largevocab.integrations.sasrec import (
     streaming_topk,
     train,
 )
+
+from distributed import run_ranks
 
 WORLD = 2
 V, D, L, USERS = 36, 8, 6, 30  # 37 table rows: shards of 19 and 18 rows (rank 0's includes the padding row)

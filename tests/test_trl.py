@@ -3,9 +3,10 @@
 import math
 import warnings
 
-import posttrain_reference as ref
 import pytest
 import torch
+
+import posttrain_reference as ref
 
 trl = pytest.importorskip("trl")
 

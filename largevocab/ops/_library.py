@@ -25,6 +25,7 @@ global generator, seeded by ``torch.manual_seed``) is accepted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -133,6 +134,23 @@ def poison(values: torch.Tensor, bad: torch.Tensor | None, per_row: bool) -> tor
     return values * torch.where(flag, math.nan, 1.0).to(values.dtype)
 
 
+def without_autocast(impl):
+    """Run a custom op's implementation with autocast off: the public functions cast the inputs as ``F.linear``
+    would before calling the op, and inside it the float32 accumulations (dW, the logits of 16-bit inputs, the
+    backward GEMMs, which run under autocast too when ``backward()`` is called inside an autocast block) must keep
+    the dtypes they were written for."""
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return impl(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    return run
+
+
 def is_strict() -> bool:
     """Value checks raise at once in eager mode; under torch.compile they must not sync (see the module doc)."""
     return not torch.compiler.is_compiling()
@@ -215,6 +233,7 @@ def _ce_backend(backend: str, hidden: torch.Tensor) -> str:
 
 
 @torch.library.custom_op(f"{LIBRARY}::linear_cross_entropy", mutates_args=())
+@without_autocast
 def linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
@@ -265,6 +284,7 @@ def _grads_or_empty(grads, refs):
 
 
 @torch.library.custom_op(f"{LIBRARY}::linear_cross_entropy_backward", mutates_args=())
+@without_autocast
 def linear_cross_entropy_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
     grad_tokens: torch.Tensor | None, grad_lse: torch.Tensor | None, ignore_index: int, label_smoothing: float,
@@ -320,6 +340,7 @@ linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_
 
 
 @torch.library.custom_op(f"{LIBRARY}::sce_select", mutates_args=())
+@without_autocast
 def sce_select_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_buckets: int | None,
     bucket_size_x: int | None, bucket_size_y: int, mix_x: bool, strict: bool,
@@ -364,6 +385,7 @@ def _sce_module(backend: str):
 
 
 @torch.library.custom_op(f"{LIBRARY}::bucket_lse", mutates_args=())
+@without_autocast
 def bucket_lse_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                   cols: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse (G, R), positive (N,))`` of ``largevocab.ops.torch_sce.forward``."""
@@ -388,6 +410,7 @@ def _bucket_lse_setup_context(ctx, inputs, output):
 
 
 @torch.library.custom_op(f"{LIBRARY}::bucket_lse_backward", mutates_args=())
+@without_autocast
 def bucket_lse_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     lse: torch.Tensor, grad_lse: torch.Tensor | None, grad_positive: torch.Tensor | None, backend: str,

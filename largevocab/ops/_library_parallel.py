@@ -24,7 +24,16 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .._common import CEOptions, acc_dtype
 from . import torch_ce
-from ._library import LIBRARY, _ce_backend, _grads_or_empty, _reduce, _token_grad, check_targets, poison
+from ._library import (
+    LIBRARY,
+    _ce_backend,
+    _grads_or_empty,
+    _reduce,
+    _token_grad,
+    check_targets,
+    poison,
+    without_autocast,
+)
 
 
 def _group(group_name: str):
@@ -68,6 +77,7 @@ def _shard_stats(hidden, weight, bias, local, owned, opts: CEOptions, backend: s
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_linear_cross_entropy", mutates_args=())
+@without_autocast
 def vp_linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, ignore_index: int,
     reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, backend: str, group_name: str,
@@ -96,6 +106,7 @@ def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_linear_cross_entropy_backward", mutates_args=())
+@without_autocast
 def vp_linear_cross_entropy_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor,
     grad_tokens: torch.Tensor | None, grad_lse: torch.Tensor | None, ignore_index: int, label_smoothing: float,
@@ -167,6 +178,7 @@ vp_linear_cross_entropy_op.register_autograd(_vp_ce_backward, setup_context=_vp_
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_logsumexp", mutates_args=())
+@without_autocast
 def vp_logsumexp_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """``log(sum_r exp(x_r))`` over the ranks; backward ``exp(x_r - y)`` times the (replicated) upstream grad."""
     return all_reduce_logsumexp(x.contiguous(), _group(group_name))
@@ -192,6 +204,7 @@ vp_logsumexp_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_sum", mutates_args=())
+@without_autocast
 def vp_sum_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Sum over the ranks; backward: the upstream gradient itself (it is the same on every rank)."""
     out = x.clone().contiguous()
@@ -208,6 +221,7 @@ vp_sum_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_copy", mutates_args=())
+@without_autocast
 def vp_copy_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Identity; backward sums the gradient over the ranks (each rank's shard contributes part of it)."""
     return x.clone()
@@ -233,6 +247,7 @@ vp_copy_op.register_autograd(_copy_backward, setup_context=_copy_setup)
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_sce_select", mutates_args=())
+@without_autocast
 def vp_sce_select_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, n_buckets: int | None,
     bucket_size_x: int | None, bucket_size_y: int, mix_x: bool, group_name: str, offset: int, vocab: int,
@@ -285,6 +300,7 @@ def _(hidden, weight, targets, ignore_index, n_buckets, bucket_size_x, bucket_si
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_sampled_partial", mutates_args=())
+@without_autocast
 def vp_sampled_partial_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, owned: torch.Tensor, negatives: torch.Tensor,
     correction: torch.Tensor | None, remove_hits: bool,
@@ -302,6 +318,7 @@ def _(hidden, weight, targets, owned, negatives, correction, remove_hits):
 
 
 @torch.library.custom_op(f"{LIBRARY}::vp_sampled_partial_backward", mutates_args=())
+@without_autocast
 def vp_sampled_partial_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, owned: torch.Tensor, negatives: torch.Tensor,
     correction: torch.Tensor | None, remove_hits: bool, lse: torch.Tensor, grad_lse: torch.Tensor | None,

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .._common import acc_dtype
-from ._library import LIBRARY, _grads_or_empty, check_targets, check_values, current_generator
+from ._library import LIBRARY, _grads_or_empty, check_targets, check_values, current_generator, without_autocast
 
 SAMPLING_MODES = ("uniform", "popularity", "in_batch")
 
@@ -73,6 +73,7 @@ def _bad_rows_of_negatives(bad_negative: torch.Tensor, n_rows: int) -> torch.Ten
 
 
 @torch.library.custom_op(f"{LIBRARY}::draw_negatives", mutates_args=())
+@without_autocast
 def draw_negatives_op(
     targets: torch.Tensor, ignore_index: int, vocab: int, num_negatives: int | None, sampling: str, shared: bool,
     item_counts: torch.Tensor | None, negatives: torch.Tensor | None, logq: bool, strict: bool,
@@ -133,6 +134,7 @@ def _sampled_module(backend: str, hidden: torch.Tensor, negatives: torch.Tensor)
 
 
 @torch.library.custom_op(f"{LIBRARY}::sampled_cross_entropy", mutates_args=())
+@without_autocast
 def sampled_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor,
     correction: torch.Tensor | None, remove_hits: bool, backend: str,
@@ -158,6 +160,7 @@ def _sampled_setup_context(ctx, inputs, output):
 
 
 @torch.library.custom_op(f"{LIBRARY}::sampled_cross_entropy_backward", mutates_args=())
+@without_autocast
 def sampled_cross_entropy_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, negatives: torch.Tensor,
     correction: torch.Tensor | None, remove_hits: bool, backend: str, lse: torch.Tensor, grad_loss: torch.Tensor,
