@@ -569,6 +569,39 @@ def test_train_early_stops_and_restores_the_best(ml1m_slice, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == result["best_epoch"]
 
 
+@pytest.mark.parametrize("loss", ["ce", "sce"])
+def test_resume_continues_exactly_as_one_uninterrupted_run(ml1m_slice, tmp_path, loss):
+    split = leave_one_out(ml1m_slice)
+    settings = dict(batch_size=16, max_epochs=4, patience=10, seed=3, device="cpu", progress=False,
+                    measure_loss_memory=False)
+    options = {"bucket_size_y": 64} if loss == "sce" else {}
+
+    def run(out, init_seed=0, **extra):
+        model = tiny_model(split.num_items, dropout=0.2)  # seeds 0: the same initial weights every time
+        torch.manual_seed(init_seed)  # the dropout stream of a fresh run
+        result = train(model, split, build_loss(loss, seed=3, **options), TrainConfig(out_dir=str(out), **settings,
+                                                                                       **extra), log=None)
+        return model, result
+
+    straight_model, straight = run(tmp_path / "straight")
+    _, first = run(tmp_path / "chunked", chunk_epochs=3)
+    assert first["stopped_by"] == "chunk" and first["epochs_run"] == 3
+    # The resumed call restores every generator: it must not depend on the global one it starts with.
+    resumed_model, resumed = run(tmp_path / "chunked", init_seed=123, resume=True)
+    assert resumed["stopped_by"] == "max_epochs" and resumed["epochs_run"] == 4
+    assert [(c["first_epoch"], c["last_epoch"], c["stopped_by"]) for c in resumed["chunks"]] == \
+        [(1, 3, "chunk"), (4, 4, "max_epochs")]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+    assert resumed["test"] == straight["test"] and resumed["best_epoch"] == straight["best_epoch"]
+    for a, b in zip(resumed_model.state_dict().values(), straight_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert len((tmp_path / "chunked" / "history.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="already finished \\(stopped by max_epochs at epoch 4\\)"):
+        run(tmp_path / "chunked", resume=True)
+    with pytest.raises(ValueError, match="nothing to continue"):
+        run(tmp_path / "empty", resume=True)
+
+
 def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
     path = tmp_path / "slice.txt"
     with open(path, "w") as f:

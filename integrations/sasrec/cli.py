@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"), help="Adam betas")
     run.add_argument("--epochs", type=int, default=None, help="epoch limit")
     run.add_argument("--patience", type=int, default=None, help="evaluations without a better validation NDCG@10")
-    run.add_argument("--time-budget", type=float, default=None, help="seconds of wall time before stopping")
+    run.add_argument("--time-budget", type=float, default=None,
+                     help="seconds of wall time for this call; stops resumably (see --resume)")
+    run.add_argument("--chunk-epochs", type=int, default=None, help="stop resumably after this many epochs")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out (same flags) from its last epoch, as if it had not stopped")
     run.add_argument("--eval-every", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             patience=args.patience,
             time_budget_s=args.time_budget, eval_every=args.eval_every, seed=args.seed, device=args.device,
             amp=not args.no_amp, progress=not args.no_progress, out_dir=args.out,
-            measure_loss_memory=not args.no_loss_memory)
+            measure_loss_memory=not args.no_loss_memory, resume=args.resume, chunk_epochs=args.chunk_epochs)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ SELECTION_METRIC = "ndcg@10"  # early stopping and checkpoint selection, as in t
 CHECKPOINT_NAME = "best.pt"
 METRICS_NAME = "metrics.json"
 HISTORY_NAME = "history.jsonl"
+LAST_NAME = "last.pt"  # the state after the latest epoch, for --resume
+RESUMABLE = ("time_budget", "chunk")  # stop reasons after which a run can be continued
 
 
 @dataclass
@@ -39,11 +41,17 @@ class TrainConfig:
     """Optimisation and run settings (SCE paper defaults: Adam, lr 1e-3, betas (0.9, 0.98)).
 
     max_epochs: epoch limit. patience: stop after this many evaluations without a better validation NDCG@10.
-    time_budget_s: stop (after evaluating the partial epoch) once this much wall time has passed; None: no limit.
+    time_budget_s: wall-time budget of this call, None: no limit. The run stops after an epoch when the next one
+        would not fit (judged by the last epoch's duration), or mid-epoch (evaluating the partial epoch) once the
+        budget is spent.
     device: "auto" (cuda if available), "cpu" or "cuda[:n]". amp: bf16 autocast of the forward and the loss on
     CUDA (ignored on CPU). out_dir: where ``best.pt`` and ``metrics.json`` go (None: best state kept in memory).
     measure_loss_memory: before training, run the loss forward and backward once on the first batch inside
     :class:`largevocab.profiling.PeakMemory` (CUDA allocator peak, or process RSS peak on CPU).
+    resume: continue the run saved in ``out_dir`` (its ``last.pt``: model, optimizer, epoch, best, patience counter,
+    history and every random generator's state) as if it had not stopped; a run that finished (patience, epoch
+    limit) is refused. The time budget applies to this call; ``metrics.json`` lists the calls in ``chunks``.
+    chunk_epochs: stop, resumably (``stopped_by="chunk"``), after this many epochs in this call; None: no limit.
     """
 
     batch_size: int = 128
@@ -62,6 +70,8 @@ class TrainConfig:
     progress: bool = True
     out_dir: str | None = None
     measure_loss_memory: bool = True
+    resume: bool = False
+    chunk_epochs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_epochs", "patience", "eval_every", "users_per_batch"):
@@ -70,6 +80,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.chunk_epochs is not None and (isinstance(self.chunk_epochs, bool) or not isinstance(
+                self.chunk_epochs, int) or self.chunk_epochs < 1):
+            raise ValueError(f"chunk_epochs must be an int >= 1 or None, got {self.chunk_epochs!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s}")
 
@@ -167,9 +180,13 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
     amp = config.amp and device.type == "cuda"
     model.to(device)
     loss_fn.to(device)
+    if config.resume and not config.out_dir:
+        raise ValueError("resume needs out_dir (the run to continue)")
+    last_path = os.path.join(config.out_dir, LAST_NAME) if config.out_dir else None
     if config.out_dir:
         os.makedirs(config.out_dir, exist_ok=True)
-        open(os.path.join(config.out_dir, HISTORY_NAME), "w").close()
+        if not config.resume:
+            open(os.path.join(config.out_dir, HISTORY_NAME), "w").close()
     ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME) if config.out_dir else None
     batches = TrainBatches(split.train, max_len=model.config.max_len, batch_size=config.batch_size,
                            seed=config.seed, drop_last=config.drop_last)
@@ -178,9 +195,30 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
         "model_config": model.config.to_dict(), "train_config": asdict(config), "loss": repr(loss_fn),
         "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()), "split": dict(split.info),
-        "train_histories": len(batches.histories), "batches_per_epoch": len(batches), "history": [],
+        "train_histories": len(batches.histories), "batches_per_epoch": len(batches), "history": [], "chunks": [],
     }
-    if config.measure_loss_memory:
+    best = {"epoch": -1, SELECTION_METRIC: -math.inf}
+    best_state = None
+    waited, stopped_by, first_epoch, earlier_time = 0, "max_epochs", 1, 0.0
+    if config.resume:
+        if not os.path.exists(last_path):
+            raise ValueError(f"resume: {last_path} does not exist (nothing to continue)")
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        if state["finished"]:
+            raise ValueError(f"resume: the run in {config.out_dir} already finished (stopped by "
+                             f"{state['stopped_by']} at epoch {state['epoch']})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.rng.bit_generator.state = state["batches_rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["loss_rng"] is not None:
+            loss_fn.generator(device).set_state(state["loss_rng"].cpu())
+        best, waited, first_epoch = state["best"], state["waited"], state["epoch"] + 1
+        earlier_time = state["total_time_s"]
+        result["history"], result["chunks"] = state["history"], state["chunks"]
+        if state.get("loss_peak_bytes") is not None:
+            result["loss_peak_bytes"] = state["loss_peak_bytes"]
+    elif config.measure_loss_memory:
         inputs, targets = batches.collate(batches.histories[:config.batch_size])
         model.train()
         result["loss_peak_bytes"] = measure_loss_peak(model, loss_fn, inputs.to(device), targets.to(device), device,
@@ -188,11 +226,28 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
         loss_fn.reseed(loss_fn.seed)  # training draws do not depend on whether memory was measured
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    best = {"epoch": -1, SELECTION_METRIC: -math.inf}
-    best_state = None
-    waited, stopped_by = 0, "max_epochs"
+
+    def save_last(epoch: int, finished: bool) -> None:
+        if not last_path:
+            return
+        generator = loss_fn.generator(device) if loss_fn.uses_generator else None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "finished": finished, "stopped_by": stopped_by, "best": best, "waited": waited,
+                 "batches_rng": batches.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                 "loss_rng": generator.get_state() if generator is not None else None,
+                 "history": result["history"], "chunks": result["chunks"] + [chunk(epoch)],
+                 "total_time_s": earlier_time + time.perf_counter() - start,
+                 "loss_peak_bytes": result.get("loss_peak_bytes")}
+        torch.save(state, f"{last_path}.tmp")
+        os.replace(f"{last_path}.tmp", last_path)
+
+    def chunk(epoch: int) -> dict:
+        return {"first_epoch": first_epoch, "last_epoch": epoch, "time_s": round(time.perf_counter() - start, 3),
+                "stopped_by": stopped_by}
+
     start = time.perf_counter()
-    for epoch in range(1, config.max_epochs + 1):
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, config.max_epochs + 1):
         model.train()
         epoch_start, losses, out_of_time = time.perf_counter(), [], False
         for inputs, targets in _progress(batches, len(batches), config.progress, f"epoch {epoch}"):
@@ -237,13 +292,24 @@ def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig 
                 else ""
             log(f"epoch {epoch}: loss {record['train_loss']:.4f} ({record['steps']} steps, {train_time:.1f} s)"
                 f"{valid_text}")
-        if out_of_time:
-            stopped_by = "time_budget"
-            break
+        elapsed = time.perf_counter() - start
         if waited >= config.patience:
             stopped_by = "patience"
             break
-    total = time.perf_counter() - start
+        if out_of_time or (config.time_budget_s is not None and epoch < config.max_epochs
+                           and elapsed + (time.perf_counter() - epoch_start) > config.time_budget_s):
+            stopped_by = "time_budget"  # spent, or the next epoch (as long as this one) would not fit
+            break
+        if config.chunk_epochs is not None and epoch - first_epoch + 1 >= config.chunk_epochs \
+                and epoch < config.max_epochs:
+            stopped_by = "chunk"
+            break
+        save_last(epoch, finished=False)
+    else:
+        stopped_by = "max_epochs"
+    save_last(epoch, finished=stopped_by not in RESUMABLE)
+    total = earlier_time + time.perf_counter() - start
+    result["chunks"].append(chunk(epoch))
     if best["epoch"] > 0:
         if ckpt_path:
             model.load_state_dict(torch.load(ckpt_path, map_location=device, weights_only=True)["state_dict"])
