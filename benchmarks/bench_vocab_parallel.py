@@ -13,7 +13,7 @@ the shard); ``ce`` is :func:`largevocab.linear_cross_entropy`, ``sce`` :func:`la
 
 Per rank and step, measured:
 
-* ``peak_bytes``: the process's peak RSS above what it held before its shard was allocated (so it includes the
+* ``peak_extra_bytes``: the process's peak RSS above what it held before its shard was allocated (so it includes the
   shard, its gradient and the loss's workspace); ``state_bytes`` is shard + gradient exactly.
 * ``ms``: median wall time of a step after one warm-up step, with a barrier before each step; the slowest rank's.
 * ``payload_bytes``: the bytes of the tensors this rank hands to ``torch.distributed`` collectives (counted by
@@ -158,7 +158,7 @@ def worker(args) -> dict | None:
                 ring.append(counter.ring)
                 sent.append(after - before)
         state_bytes = weight.nbytes + weight.grad.nbytes
-    row = {"rank": rank, "rows": hi - lo, "ms": statistics.median(times), "peak_bytes": memory.extra_bytes,
+    row = {"rank": rank, "rows": hi - lo, "ms": statistics.median(times), "peak_extra_bytes": memory.extra_bytes,
            "state_bytes": state_bytes, "payload_bytes": max(payload), "ring_bytes": max(ring),
            "sent_bytes": max(sent), "loss": float(loss), "rss_bytes": _rss_bytes()}
     rows = [None] * world
@@ -169,11 +169,12 @@ def worker(args) -> dict | None:
     floor, nd_floor = floors(args.loss, args.n, args.v, args.d)
     return {"loss": args.loss, "v": args.v, "n": args.n, "d": args.d, "ranks": world,
             "rows_per_rank": max(r["rows"] for r in rows), "ms": max(r["ms"] for r in rows),
-            "peak_bytes": max(r["peak_bytes"] for r in rows), "state_bytes": max(r["state_bytes"] for r in rows),
+            "peak_extra_bytes": max(r["peak_extra_bytes"] for r in rows),
+            "state_bytes": max(r["state_bytes"] for r in rows),
             "payload_bytes": max(r["payload_bytes"] for r in rows), "floor_bytes": floor, "nd_floor_bytes": nd_floor,
             "ring_bytes": int(max(r["ring_bytes"] for r in rows)), "sent_bytes": max(r["sent_bytes"] for r in rows),
             "loss_value": rows[0]["loss"], "losses_agree": len({r["loss"] for r in rows}) == 1,
-            "per_rank": json.dumps([{k: r[k] for k in ("ms", "peak_bytes", "sent_bytes")} for r in rows])}
+            "per_rank": json.dumps([{k: r[k] for k in ("ms", "peak_extra_bytes", "sent_bytes")} for r in rows])}
 
 
 def main(argv=None) -> int:
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 mib = 2.0**20
                 print(f"{loss:>4} V={int(v):>8} N={int(n_of[loss]):>5} ranks={ranks}: {row['ms']:10.1f} ms/step  "
-                      f"peak {row['peak_bytes'] / mib:8.1f} MiB (shard+grad {row['state_bytes'] / mib:7.1f})  "
+                      f"peak {row['peak_extra_bytes'] / mib:8.1f} MiB (shard+grad {row['state_bytes'] / mib:7.1f})  "
                       f"payload {row['payload_bytes'] / 1e6:7.3f} MB (floor {row['floor_bytes'] / 1e6:7.3f}, "
                       f"N+ND {row['nd_floor_bytes'] / 1e6:7.3f})  sent {row['sent_bytes'] / 1e6:7.3f} MB "
                       f"(ring {row['ring_bytes'] / 1e6:7.3f})  loss {row['loss_value']:.6f}", flush=True)

@@ -44,7 +44,7 @@ def test_smoke_run_reports_the_docstring_floor_and_the_unsharded_loss(tmp_path):
         assert int(row["payload_bytes"]) == int(row["floor_bytes"]) > 0
         assert int(row["sent_bytes"]) >= int(row["ring_bytes"]) > 0
         assert int(row["state_bytes"]) == 2 * (v // 2) * d * 4
-        assert float(row["ms"]) > 0 and int(row["peak_bytes"]) > 0
+        assert float(row["ms"]) > 0 and int(row["peak_extra_bytes"]) > 0
 
 
 def test_paper_model_numbers(capsys):
