@@ -230,9 +230,13 @@ def train_sharded(model: SASRec, split: Split, loss_fn: SASRecLoss, config: Trai
 
     ``config.batch_size`` is the global batch (``ceil(batch_size / W)`` rows per rank). Returns the same dict on
     every rank (``train``'s keys, plus ``world_size`` and each epoch's ``step_losses``); rank 0 writes the files and
-    logs. ``config.measure_loss_memory`` is not supported here (ignored); on CUDA each rank's peak is reported.
+    logs. ``config.measure_loss_memory`` is not supported here (ignored), ``resume``/``chunk_epochs`` are refused;
+    ``time_budget_s`` stops inside an epoch (all ranks together) and evaluates; on CUDA each rank's peak is reported.
     """
     config = config or TrainConfig()
+    for name in ("resume", "chunk_epochs"):  # train()'s resumable runs have no sharded form yet: refuse, not ignore
+        if getattr(config, name, None):
+            raise ValueError(f"{name} is not supported with a sharded catalogue (--shard-items)")
     table = item_table(model)
     group = table.group
     world, rank = dist.get_world_size(group), dist.get_rank(group)
