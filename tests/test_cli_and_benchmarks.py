@@ -72,7 +72,11 @@ def test_committed_results_parse(path):
     rows = read_csv(path)
     assert rows, path
     for r in rows:
-        assert r["device"] and r["date"] and float(r["ms"]) > 0 and int(r["peak_extra_bytes"]) >= 0
+        assert r["device"] and r["date"]
+        if r.get("skipped"):  # a provider that could not run here: the row says why, and holds no numbers
+            assert not r["ms"], r
+            continue
+        assert float(r["ms"]) > 0 and int(r["peak_extra_bytes"]) >= 0
 
 
 def test_catalogue_benchmark_plot_and_summary_run(tmp_path):
