@@ -142,22 +142,26 @@ def test_labels_passed_positionally_are_fused_too():
 
 
 def test_output_layer_hooks_run_on_every_call():
-    """Pre-hooks see the hidden states once, then one request per value the fused loss computes in the layer."""
+    """Pre-hooks see the hidden states once, then one request per value the fused loss computes in the layer, with
+    the hidden states it computes from (so input hooks act on them as in the layer's own call)."""
     from largevocab.integrations.hf._head import Request
 
     model = tiny_model("llama").train()
     calls = []
-    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append(args[0]))
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append(args))
     patch(model)
     model(**batch()).loss.backward()
-    assert len(calls) == 2 and calls[0].shape[-1] == 64 and isinstance(calls[1], Request)
+    assert len(calls) == 2 and len(calls[0]) == 1 and calls[0][0].shape[-1] == 64
+    assert isinstance(calls[1][0], Request) and calls[1][1].shape[-1] == 64
 
 
-def test_a_hook_that_edits_the_output_layer_output_is_refused():
+@pytest.mark.parametrize("edit", [lambda out: out * 1.0, lambda out: 2 * out, lambda out: out + 1.0,
+                                  lambda out: out.float(), lambda out: out if torch.is_tensor(out) else tuple(out)])
+def test_a_hook_that_edits_the_output_layer_output_is_refused(edit):
     model = tiny_model("llama").train()
-    model.lm_head.register_forward_hook(lambda module, args, output: output * 1.0)
+    model.lm_head.register_forward_hook(lambda module, args, output: edit(output))
     patch(model)
-    with pytest.raises(TypeError, match="Answer"):
+    with pytest.raises((TypeError, AttributeError, UnsupportedModelError), match="Answer|fused request"):
         model(**batch())
 
 

@@ -82,7 +82,40 @@ def _vocab(form):
     return {"head": lambda m, x: x[..., :-3], "tail": lambda m, x: x[:, :, 2:], "step": lambda m, x: x[..., ::2]}[form]
 
 
-OPS = {"scale": _scale, "add": _add, "softcap": _softcap, "cast": _cast, "rows": _rows, "vocab": _vocab}
+class PreBackwardFunctionForModule(torch.autograd.Function):
+    """What DeepSpeed ZeRO-3 applies to every module output: forward ``detach``, backward the identity (plus its
+    parameter gather); named as DeepSpeed's, which the patch recognises."""
+
+    @staticmethod
+    def forward(x):
+        return x.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+PreBackwardFunctionForModule.__module__ = "deepspeed.runtime.zero.parameter_offload"
+
+
+def _no_grad(f):
+    with torch.no_grad():
+        return f()
+
+
+def _autograd(form):
+    return {
+        "detach": lambda m, x: x.detach(), "no_grad": lambda m, x: _no_grad(lambda: x * 1.25),
+        "zero3": lambda m, x: PreBackwardFunctionForModule.apply(x),
+    }[form]
+
+
+OPS = {"scale": _scale, "add": _add, "softcap": _softcap, "cast": _cast, "rows": _rows, "vocab": _vocab,
+       "autograd": _autograd}
 FORMS = {
     "scale": ["mul", "rmul", "method", "torch", "div", "divide", "neg", "param", "param_div", "inplace",
               "inplace_div"],
@@ -92,6 +125,7 @@ FORMS = {
     "rows": ["tail", "keep", "ellipsis", "view", "reshape", "flatten", "transpose", "unsqueeze", "contiguous",
              "mask", "index", "split"],
     "vocab": ["head", "tail", "step"],
+    "autograd": ["detach", "no_grad", "zero3"],
 }
 
 
@@ -144,8 +178,11 @@ class Toy(torch.nn.Module):
 def _run(model, hidden):
     loss, logits = model(hidden, labels=True)
     params = [hidden, *model.parameters()]
+    if not loss.requires_grad:  # e.g. detached logits and nothing learnable after them
+        return loss.detach(), [torch.zeros_like(p) for p in params], logits, False
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)], logits
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    return loss.detach(), grads, logits, True
 
 
 def _compare(program, ending, bias=True, materialize="warn", tol=1e-10):
@@ -165,6 +202,7 @@ def _compare(program, ending, bias=True, materialize="warn", tol=1e-10):
         handle.undo()
     report = LAST_REPORT[0]
     assert report.head_calls == 1 and (got[2] is None or report.materialised)  # lazy logits never escape
+    assert got[3] == want[3], "the loss has a graph patched iff it has one unpatched"
     torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol, equal_nan=True)
     for g, w in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol * (1 + float(w.abs().max())))
@@ -239,6 +277,52 @@ def test_argmax_is_served_and_equal():
     patch(model, backend="torch", materialize="error")
     model(hidden, labels=True)
     assert torch.equal(got["argmax"][0], got["argmax"][1]) and "argmax" in LAST_REPORT[0].served
+
+
+def test_detach_keeps_the_gradient_of_what_comes_after_it():
+    """``logits.detach() * scale + extra``: the head and hidden states get no gradient, the learnable scale and
+    additive vector do (a fused form where the detach sits between the head and the operands)."""
+    report, _ = _compare([_autograd("detach"), _scale("param"), _add("vector")], _ending("ce"))
+    assert report.served == ("cross_entropy",) and not report.materialised
+
+
+def test_deepspeed_zero3_identity_function_on_the_logits_is_fused():
+    """ZeRO-3's output Function (forward ``detach``, backward identity), then a learnable scale: fused, and the
+    head, hidden states and scale get the unpatched gradients."""
+    report, _ = _compare([_autograd("zero3"), _scale("param"), _autograd("zero3")], _ending("z_loss"))
+    assert set(report.served) == {"cross_entropy", "logsumexp"} and not report.materialised
+
+
+class ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(x, materialise):
+        return torch.cos(x).acos() if materialise else x * 1.0  # cos: not recordable, so it materialises
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5, None
+
+
+def test_what_acts_on_the_logits_gradient_is_refused():
+    """The fused loss has no gradient of the logits: a gradient hook on them, or a custom autograd Function applied to
+    them (other than DeepSpeed ZeRO-3's identity), would be skipped, so they raise instead."""
+    def hook(m, x):
+        x.register_hook(lambda grad: grad * 0.5)
+        return x
+
+    hidden = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    for op in (hook, lambda m, x: ScaleGradient.apply(x, False), lambda m, x: ScaleGradient.apply(x, True)):
+        model = Toy([op], _ending("ce"))
+        model(hidden, labels=True)[0].backward()  # unpatched: runs
+        patch(model, backend="torch")
+        refused = pytest.raises(UnsupportedModelError, match="gradient hook|Function ScaleGradient|gradient reached")
+        with refused, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the materialisation warning
+            model(hidden, labels=True)[0].backward()
 
 
 def test_in_place_ops_that_cannot_be_recorded_are_refused():

@@ -24,12 +24,15 @@ recorded raises. A model whose forward never calls its output layer gets a one-t
 effect. A model without a linear output layer is refused at patch time.
 
 Distributed and wrapped heads. Every value is computed *inside a call of the output layer* (``_head.py``): the lazy
-tensor calls the layer again with an opaque request, so FSDP2 and FSDP gather its weight for the fused
-forward and, through the hooks they put on that call's outputs, again for the fused backward. PEFT's LoRA on the
-head (``W + scale * B @ A``, built as a (V, D) tensor so autograd routes the gradients) and
-``modules_to_save=["lm_head"]`` are fused too; other adapter kinds on the head run their own forward. DeepSpeed
-ZeRO-3 does not work yet (its pre-backward Function detaches the lazy logits; the fused loss then has no graph, which
-DeepSpeed refuses).
+tensor calls the layer again with an opaque request and the hidden states, so FSDP2, FSDP and DeepSpeed ZeRO-3
+gather its weight for the fused forward and, through the hooks or Functions they put on that call's outputs (the
+answer is a tuple, which they search), again for the fused backward; the head's weight is read nowhere else (ZeRO-3
+would otherwise keep it gathered for the whole step). The lazy logits carry the real logits' ``requires_grad``, so
+the frameworks treat them as they would the real ones; what would act on their gradient (a gradient hook, a custom
+autograd Function) raises, except the frameworks' own pre-backward hooks and ZeRO-3's identity Function, which the
+answer gets too (``_lazy.py``). PEFT's LoRA on the head (``W + scale * B @ A``, built as a (V, D) tensor so autograd
+routes the gradients) and ``modules_to_save=["lm_head"]`` are fused too; other adapter kinds on the head run their
+own forward.
 
 TRL's ``SFTTrainer`` replaces the model's forward with a fused head of its own; patching before or after the
 trainer is built routes that protocol through the model's own (patched) forward instead (``_trl.py``).

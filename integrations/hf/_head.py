@@ -2,9 +2,10 @@
 
 Each value a lazy tensor needs (a cross-entropy, a log-sum-exp, an argmax, or the real logits) is computed by
 calling the output layer again, through its own ``__call__``, with an opaque :class:`Request` as its input. Its
-hooks run around the computation as around any forward: FSDP2 and FSDP gather the weight before it and
-register their pre-backward hooks on its outputs, so the weight is gathered again when the fused backward runs.
-The request object is no tensor and no container, so those frameworks pass it through untouched.
+hooks run around the computation as around any forward: FSDP2, FSDP and DeepSpeed ZeRO-3 gather the weight before
+it, and they find the tensors of the :class:`Answer` (a tuple) and put their pre-backward hooks or Functions on
+them, so the weight is gathered again when the fused backward runs. The request object is no tensor and no
+container, so those frameworks pass it through untouched.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import largevocab as lv
 
-from ._lazy import LazyLogits, UnsupportedModelError, fused_form, make_lazy
+from ._lazy import LazyLogits, UnsupportedModelError, fused_form, make_lazy, replay
 
 IGNORE_INDEX = -100
 STATS_CHUNK_BYTES = 64 << 20  # logits of one chunk of rows when the helper below materialises them in pieces
@@ -31,7 +31,11 @@ def current_context():
 
 
 class Request:
-    """What the output layer is asked to compute instead of its forward: ``run(module)``."""
+    """What the output layer is asked to compute instead of its forward: ``run(module, hidden)``.
+
+    The layer is called as ``layer(request, hidden)``: the hidden states pass through its input hooks as in its own
+    forward (FSDP2 casts them and puts its post-backward Function on them; ZeRO-3 counts them to release the weight
+    after the layer's backward), and ``run`` gets what the hooks made of them."""
 
     __slots__ = ("run",)
 
@@ -39,12 +43,22 @@ class Request:
         self.run = run
 
 
-@dataclass
-class Answer:
-    """A request's result. A dataclass, so FSDP2 finds (and hooks) the tensors in it, while a user's forward hook
-    that edits the layer's output fails on it instead of editing a loss."""
+class Answer(tuple):
+    """A request's result, ``(value,)``. A tuple, so FSDP2, FSDP and ZeRO-3 find (and hook) the tensors in it, and
+    rebuild it as an Answer; a user's forward hook that edits the layer's output fails on it (or returns another
+    type, refused) instead of editing a loss."""
 
-    value: object
+    __slots__ = ()
+
+    @property
+    def value(self):
+        return self[0]
+
+    def _edited(self, *args, **kwargs):
+        raise TypeError("a forward hook computed with the output of the output layer during a fused request (an "
+                        "Answer, not logits): hooks that change the output layer's output cannot be fused")
+
+    __add__ = __radd__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __sub__ = __rsub__ = _edited
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,8 +170,8 @@ def uninstall_head(module) -> None:
 
 
 def _head_forward(self, *args, **kwargs):
-    if len(args) == 1 and not kwargs and isinstance(args[0], Request):
-        return Answer(args[0].run(self))
+    if len(args) == 2 and not kwargs and isinstance(args[0], Request):
+        return Answer((args[0].run(self, args[1]),))
     context = current_context()
     if (context is None or context.head is not self or len(args) != 1 or kwargs or not torch.is_tensor(args[0])
             or isinstance(args[0], LazyLogits)):
@@ -176,8 +190,10 @@ def output_dtype(hidden, weight) -> torch.dtype:
 # Serving the lazy logits.
 
 
-def _detached(lazy) -> bool:
-    return any(kind == "detach" for op in lazy._lv_tape for kind, _ in op.effects)
+def _grad_enabled(lazy) -> bool:
+    """Whether a loss on the lazy logits gets a graph: as on the real logits, grad mode and their requires_grad
+    (which parts get a gradient is the fused form's business: see ``FusedForm.detached``)."""
+    return torch.is_grad_enabled() and lazy._lv_requires_grad
 
 
 class Source:
@@ -190,36 +206,38 @@ class Source:
         self.vocab = vocab
         self.served: list[str] = []
 
-    def lazy(self, hidden, dtype):
-        return make_lazy(self, hidden, (), self.vocab, dtype, rows_full=True)
+    def lazy(self, hidden, dtype, weights):
+        requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, *weights))
+        return make_lazy(self, hidden, (), self.vocab, dtype, rows_full=True, requires_grad=requires_grad)
 
-    def _request(self, run):
-        answer = self.caller(Request(run))
+    def _request(self, lazy, run):
+        answer = self.caller(Request(run), lazy._lv_hidden)
         if not isinstance(answer, Answer):
             raise UnsupportedModelError(
                 f"a forward hook on {type(self.caller).__name__} replaced the answer of a fused request with a "
                 f"{type(answer).__name__}: hooks that change the output layer's output cannot be fused")
         return answer.value
 
-    def _fused(self, module, lazy):
-        """``(form, hidden', weight', bias', softcap)`` for the lazy tensor, or None when it has no fused form."""
+    def _fused(self, module, lazy, hidden):
+        """``(hidden', weight', bias', softcap)`` for the lazy tensor (rows ``hidden``), or None when it has no fused
+        form."""
         form = fused_form(lazy._lv_tape, self.vocab)
         weights = effective_linear(module)
         if form is None or weights is None:
             return None
-        return form.inputs(lazy._lv_hidden, *weights)
+        return form.inputs(hidden, *weights)
 
     def cross_entropy(self, lazy, target, ignore_index, label_smoothing, reduction):
         settings = self.context.settings
         per_token = self.context.want_per_token and settings.loss == "cce"
-        detached = _detached(lazy)
+        grad = _grad_enabled(lazy)
 
-        def run(module):
-            fused = self._fused(module, lazy)
+        def run(module, hidden):
+            fused = self._fused(module, lazy, hidden)
             if fused is None:
                 return None
             hidden, weight, bias, softcap = fused
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+            with torch.set_grad_enabled(grad):
                 if settings.loss != "cce":
                     return settings.approximate(hidden, weight, target, bias=bias, softcap=softcap,
                                                 reduction=reduction, ignore_index=ignore_index,
@@ -230,7 +248,7 @@ class Source:
                     reduction="none" if per_token or reduction == "none" else "sum",
                     label_smoothing=label_smoothing, **settings.options)
 
-        loss = self._request(run)
+        loss = self._request(lazy, run)
         if loss is None:
             return self._torch(F.cross_entropy, lazy, "cross_entropy", target, ignore_index=ignore_index,
                                reduction=reduction, label_smoothing=label_smoothing)
@@ -245,66 +263,63 @@ class Source:
         return loss.to(lazy.dtype)
 
     def logsumexp(self, lazy):
-        detached = _detached(lazy)
+        grad = _grad_enabled(lazy)
 
-        def run(module):
-            fused = self._fused(module, lazy)
+        def run(module, hidden):
+            fused = self._fused(module, lazy, hidden)
             if fused is None:
                 return None
             hidden, weight, bias, softcap = fused
             targets = torch.full(hidden.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=hidden.device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not detached):
+            with torch.set_grad_enabled(grad):
                 return lv.linear_cross_entropy_with_lse(hidden, weight, targets, bias=bias, softcap=softcap,
                                                         reduction="sum", **self.context.settings.options)[1]
 
-        lse = self._request(run)
+        lse = self._request(lazy, run)
         if lse is None:
             return self._torch(torch.logsumexp, lazy, "logsumexp", -1)
         self.served.append("logsumexp")
         return lse.to(lazy.dtype)
 
     def argmax(self, lazy):
-        def run(module):
-            fused = self._fused(module, lazy) if hasattr(lv, "linear_argmax") else None
+        def run(module, hidden):
+            fused = self._fused(module, lazy, hidden)
             if fused is not None:
                 hidden, weight, bias, softcap = fused
                 return lv.linear_argmax(hidden, weight, bias=bias, softcap=softcap)
-            return chunked_rows(module, lazy, lambda logits: logits.argmax(-1))[0]
+            return chunked_rows(module, lazy, hidden, lambda logits: logits.argmax(-1))[0]
 
         self.served.append("argmax")
-        return self._request(run)
+        return self._request(lazy, run)
 
     def materialise(self, lazy, op_name):
         self.context.on_materialise(op_name)
 
-        def run(module):
-            logits = original_forward(module)(lazy._lv_hidden)
-            for op in lazy._lv_tape:
-                logits = op.replay(logits)
-            return logits
+        def run(module, hidden):
+            logits = replay(lazy._lv_tape, original_forward(module)(hidden))
+            # An op recorded without grad mode replays with it; the lazy tensor's flag is the real logits'.
+            return logits if lazy._lv_requires_grad or not logits.requires_grad else logits.detach()
 
-        return self._request(run)
+        return self._request(lazy, run)
 
     def _torch(self, func, lazy, name, *args, **kwargs):
         return func(self.materialise(lazy, name), *args, **kwargs)
 
 
-def chunked_rows(module, lazy, *functions):
-    """``functions`` applied to the lazy tensor's real logits, rows in chunks of ``STATS_CHUNK_BYTES``, no grad.
+def chunked_rows(module, lazy, hidden, *functions):
+    """``functions`` applied to the lazy tensor's real logits (rows ``hidden``), rows in chunks of
+    ``STATS_CHUNK_BYTES``, no grad.
 
     The chunks come from the head's own forward and the replayed tape, so the values are the unpatched ones.
     Returns one tensor per function, shaped like the rows.
     """
-    hidden = lazy._lv_hidden
     rows = hidden.reshape(-1, hidden.shape[-1])
     step = max(1, STATS_CHUNK_BYTES // (4 * max(lazy._lv_vocab, 1)))
     forward = original_forward(module)
     outputs = [[] for _ in functions]
     with torch.no_grad():
         for start in range(0, rows.shape[0], step):
-            logits = forward(rows[start:start + step])
-            for op in lazy._lv_tape:
-                logits = op.replay(logits)
+            logits = replay(lazy._lv_tape, forward(rows[start:start + step]))
             for out, function in zip(outputs, functions, strict=True):
                 out.append(function(logits))
     return [torch.cat(out).reshape(hidden.shape[:-1]) if out else hidden.new_empty(hidden.shape[:-1])

@@ -11,7 +11,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ._lazy import _HANDLERS, _SELF, LazyLogits, TapeOp, _derive, _handles, _record_inplace
+from ._lazy import _HANDLERS, _SELF, LazyLogits, TapeOp, UnsupportedModelError, _derive, _handles, _record_inplace
 
 T = torch.Tensor
 
@@ -122,6 +122,27 @@ def _clone(func, args, kwargs):
 def _detach(func, args, kwargs):
     lazy = args[0]
     return _derive(lazy, op=TapeOp((("detach", None),), func, (_SELF,), {}), view=True)
+
+
+def _is_fsdp_pre_backward(hook) -> bool:
+    """FSDP2's ``FSDPState._pre_backward`` or FSDP1's ``partial(_pre_backward_hook, ...)``: hooks that gather a
+    module's parameters before its backward, which the request's answer gets as well (see ``_head.py``)."""
+    func = getattr(hook, "func", hook)  # functools.partial
+    func = getattr(func, "__func__", func)  # bound method
+    return (getattr(func, "__module__", "").startswith("torch.distributed.fsdp.")
+            and getattr(func, "__name__", None) in ("_pre_backward", "_pre_backward_hook"))
+
+
+@_handles(T.register_hook)
+def _register_hook(func, args, kwargs):
+    hook = args[1] if len(args) > 1 else kwargs.get("hook")
+    if not _is_fsdp_pre_backward(hook):
+        raise UnsupportedModelError(
+            f"a gradient hook ({getattr(hook, '__qualname__', type(hook).__name__)}) on lazy logits would never run: "
+            "the fused loss computes no gradient of the logits; register it elsewhere, or undo the largevocab patch "
+            "for this model")
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)  # on the placeholder, where it never fires
 
 
 @_handles(T.split, torch.split, T.chunk, torch.chunk, T.unbind, torch.unbind, T.tensor_split, torch.tensor_split)

@@ -74,11 +74,13 @@ def _own_output_layer(model):
     return caller if isinstance(caller, torch.nn.Module) else None
 
 
-def output_layer(model):
+def output_layer(model, check: bool = True):
     """``(caller, head)``: the module the model calls for its logits, and the one under its wrappers.
 
     A model without one of its own that wraps exactly one model with one (a VLM calling its inner causal LM without
-    labels and computing the loss on its logits) uses that one."""
+    labels and computing the loss on its logits) uses that one. ``check``: refuse a head without a (V, D) weight;
+    the patched forward does not check (``Context.new_lazy`` does, inside the head's call), as reading the weight
+    outside the head's own call makes DeepSpeed ZeRO-3 gather it for the whole model's forward and backward."""
     caller = _own_output_layer(model)
     if caller is None:
         nested = {id(c): c for c in (_own_output_layer(m) for m in model.children()) if c is not None}
@@ -88,7 +90,7 @@ def output_layer(model):
             f"{type(model).__name__} has no output layer (get_output_embeddings() returned None, and no single "
             "submodule has one): there is no linear head to fuse with the loss")
     head = _unwrap_head(caller)
-    if effective_linear(head) is None and not is_peft_wrapper(head):
+    if check and effective_linear(head) is None and not is_peft_wrapper(head):
         raise UnsupportedModelError(
             f"{type(model).__name__}'s output layer is a {type(head).__name__}, whose forward is not a linear "
             "layer's (hidden @ W.T + b): the fused loss needs its (V, D) weight")
@@ -101,7 +103,7 @@ class Context:
     def __init__(self, model, settings: Settings):
         self.model = model
         self.settings = settings
-        self.caller, self.head = output_layer(model)
+        self.caller, self.head = output_layer(model, check=False)
         self.sources: list[Source] = []
         self.per_token: list = []  # (source, per-token loss, targets, ignore_index) of each served cross-entropy
         self.materialised: list[str] = []
@@ -121,7 +123,7 @@ class Context:
             _probe(module, hidden, *weights)
         source = Source(self, self.caller, module, weights[0].shape[0])
         self.sources.append(source)
-        return source.lazy(hidden, output_dtype(hidden, weights[0]))
+        return source.lazy(hidden, output_dtype(hidden, weights[0]), weights)
 
     def on_materialise(self, op_name: str) -> None:
         self.materialised.append(op_name)

@@ -136,10 +136,10 @@ def _entropy_and_argmax(lazy, targets, ignore_index, backend):
         log_p = torch.log_softmax(logits.float(), dim=-1)
         return -(log_p.exp() * log_p).sum(-1)
 
-    def run(module):
-        fused = source._fused(module, lazy)
+    def run(module, hidden):
+        fused = source._fused(module, lazy, hidden)
         if fused is None:
-            return chunked_rows(module, lazy, entropy, lambda x: x.argmax(-1))
+            return chunked_rows(module, lazy, hidden, entropy, lambda x: x.argmax(-1))
         hidden, weight, bias, softcap = fused
         with torch.no_grad():
             _, ent = lv.linear_log_probs(hidden, weight, targets.reshape(hidden.shape[:-1]), bias=bias,
@@ -148,7 +148,7 @@ def _entropy_and_argmax(lazy, targets, ignore_index, backend):
             return ent, lv.linear_argmax(hidden, weight, bias=bias, softcap=softcap, backend=backend)
 
     source = lazy._lv_source
-    return source._request(run)
+    return source._request(lazy, run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
