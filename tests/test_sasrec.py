@@ -677,3 +677,26 @@ def test_cli_reads_json_tables_through_datasets_and_names_bad_rows(tmp_path, cap
 
 def test_all_losses_are_covered():
     assert {name for name, _ in LOSS_CASES} == set(LOSS_NAMES)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3)])
+def test_negative_scores_full_and_gathered_agree(shape):
+    """Both ways of scoring the negatives (all V items then a gather, or the gathered K rows) give the same scores
+    and the same gradients, in float64; the automatic choice takes the smaller of N x V and N x K x D."""
+    from largevocab.integrations.sasrec.losses import positive_and_negative_scores
+
+    torch.manual_seed(0)
+    d, v, k = 4, 11, 3
+    hidden = torch.randn(*shape, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, dtype=torch.float64, requires_grad=True)
+    targets, negatives = torch.randint(0, v, shape), torch.randint(0, v, (*shape, k))
+    results = []
+    for full in (True, False):
+        s_pos, s_neg = positive_and_negative_scores(hidden, weight, targets, negatives, full=full)
+        assert s_pos.shape == shape and s_neg.shape == (*shape, k)
+        grads = torch.autograd.grad((s_pos.sin().sum() + s_neg.cos().sum()), (hidden, weight))
+        results.append((s_pos, s_neg, *grads))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want_pos = (hidden * weight[targets]).sum(-1)
+    torch.testing.assert_close(positive_and_negative_scores(hidden, weight, targets, negatives)[0], want_pos)

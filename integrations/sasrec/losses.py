@@ -190,8 +190,7 @@ class BinaryCrossEntropy(SASRecLoss):
         negatives = torch.randint(0, weight.shape[0], (*y.shape, self.num_negatives), generator=generator,
                                   device=hidden.device)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        s_pos = (hidden * weight[y]).sum(-1).to(acc)
-        s_neg = torch.einsum("...d,...kd->...k", hidden, weight[negatives]).to(acc)
+        s_pos, s_neg = (s.to(acc) for s in positive_and_negative_scores(hidden, weight, y, negatives))
         beta = self.positive_weight(weight.shape[0])
         per_row = (beta * F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)) / (1 + self.num_negatives)
         return (per_row * valid).sum() / valid.sum().clamp(min=1)
@@ -230,6 +229,25 @@ class GeneralisedBinaryCrossEntropy(BinaryCrossEntropy):
 
     def extra_repr(self) -> str:
         return f"num_negatives={self.num_negatives}, t={self.t}, compact={self.compact}"
+
+
+def positive_and_negative_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 negatives: torch.Tensor, full: bool | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(s+ (...), s- (..., K))`` of ``targets`` (...) and ``negatives`` (..., K) against ``hidden`` (..., D).
+
+    Equal to ``(hidden * weight[targets]).sum(-1)`` and ``einsum("...d,...kd->...k", hidden, weight[negatives])``.
+    Gathering K negatives' rows stores N x K x D values (and backward scatters as many); scoring every item stores
+    N x V. ``full=None`` takes the smaller: on ML-1M with gSASRec's 256 negatives at d = 128, 3.4k logits per row
+    instead of 32.8k gathered values (a 3.4 GB gather per batch of 128 x 200), ten times less memory and traffic.
+    """
+    if full is None:
+        full = weight.shape[0] <= negatives.shape[-1] * weight.shape[1]
+    if not full:
+        return (hidden * weight[targets]).sum(-1), torch.einsum("...d,...kd->...k", hidden, weight[negatives])
+    logits = hidden @ weight.T
+    s_pos = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return s_pos, logits.gather(-1, negatives)
 
 
 def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
