@@ -68,9 +68,11 @@ SIZES = {
     "image_size": 28, "patch_size": 14, "sliding_window": 16, "decoder_vocab_size": 211,
     "out_hidden_size": 32, "text_hidden_size": 32, "mamba_n_heads": 4, "mamba_d_head": 16,
 }
-# Fields of one kind: equal ones in a default config stay equal when shrunk.
-RELATED_SIZES = (("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
-                 ("num_attention_heads", "num_key_value_heads"))
+# Fields of one kind: equal ones in a default config stay equal when shrunk, to the smallest (head sizes) or to
+# the query heads' count (so a multi-head default keeps heads x head_dim == hidden_size, which e.g. Helium's output
+# projection assumes).
+RELATED_SIZES = ((("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"), min),
+                 (("num_attention_heads", "num_key_value_heads"), max))
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 # Logit transforms, loss coefficients and router outputs at non-default values, so that a dropped one shows.
 NON_DEFAULT = {
@@ -78,6 +80,8 @@ NON_DEFAULT = {
     "logits_scaling": 4.0, "lm_head_multiplier": 0.5, "output_multiplier": 0.5, "z_loss_coefficient": 0.01,
     "router_aux_loss_coef": 0.1, "aux_loss_coef": 0.1, "output_router_logits": True,
 }
+QSA_INDEXER = {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
+               "indexer_compress_ratio": 4}
 # Per-type config fields where a default config cannot be shrunk generically (kept as small as possible).
 SWEEP_OVERRIDES: dict[str, dict] = {
     "mamba2": {"head_dim": 16},  # heads * head_dim == expand * hidden_size
@@ -85,6 +89,12 @@ SWEEP_OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},
     "dory": {"n_input_layers": 1, "n_recurrent_layers": 0, "n_output_layers": 1},
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    # Two hybrid layers, so the shared transformer block has a layer to be tied to; derived sizes recomputed.
+    "zamba": {"layers_block_type": ["hybrid", "hybrid"], "attention_hidden_size": None, "attention_head_dim": None,
+              "mamba_dt_rank": 2},
+    # The default's indexed-attention layers need the QSA indexer fields, which the default leaves unset.
+    "qwen4_exp": QSA_INDEXER,
+    "qwen4_exp_text": QSA_INDEXER,
 }
 # Types whose rotary embedding falls back to a built-in multimodal section split when the config names none.
 MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "paddleocr_vl", "glm4v", "glm4v_moe", "glm46v", "glm_ocr", "glmga")
@@ -134,14 +144,14 @@ def _shrink(values: dict, top: bool, mrope: bool = False) -> dict:
                 out[key] = {k: v for k, v in value.items() if int(k) < new_layers}
     # Size fields equal in the default config stay equal (MLA: head_dim == qk_rope_head_dim, kv heads == heads ...).
     groups: dict[tuple, list[str]] = {}
-    for related in RELATED_SIZES:
+    for related, pick in RELATED_SIZES:
         for key in related:
             if isinstance(values.get(key), int) and not isinstance(values.get(key), bool) and key in out:
-                groups.setdefault((related, values[key]), []).append(key)
-    for keys in groups.values():
-        smallest = min(out[k] for k in keys)
+                groups.setdefault((related, pick, values[key]), []).append(key)
+    for (_, pick, _), keys in groups.items():
+        value = pick(out[k] for k in keys)
         for k in keys:
-            out[k] = smallest
+            out[k] = value
     if isinstance(values.get("qk_head_dim"), int) and values["qk_head_dim"] == (values.get("qk_nope_head_dim") or 0) + (
             values.get("qk_rope_head_dim") or 0):
         out["qk_head_dim"] = out.get("qk_nope_head_dim", 0) + out.get("qk_rope_head_dim", 0)
