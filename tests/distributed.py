@@ -5,7 +5,8 @@
 ``worker`` must be importable by name (a module-level function of a test module or helper). Each rank gets a CPU
 gloo process group (``torch.distributed`` default group) whose collectives time out after ``timeout`` seconds, so a
 rank waiting for a peer that raised fails too. An exception on any rank is re-raised in the test with every rank's
-traceback. Results come back in rank order.
+traceback. Results come back in rank order. The ranks see torchrun's variables (``RANK``, ``WORLD_SIZE``,
+``MASTER_PORT`` ...), so libraries that read them (accelerate, DeepSpeed) find the group.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def _entry(rank, world_size, port, timeout, fn, args, queue):
     import torch
     import torch.distributed as dist
 
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # The launcher variables torchrun sets: accelerate and DeepSpeed read them.
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,

@@ -8,62 +8,19 @@ backward, SGD) per run: losses of both steps and the full gradients of the first
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import traceback
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from distributed import run_ranks as spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 180
 VOCAB = 257
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, port, fn, args, queue):
-    import torch.distributed as dist
-
-    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        try:
-            queue.put((rank, "ok", fn(rank, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the test, whatever it was
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn, *args):
-    """``fn(rank, *args)`` on WORLD gloo ranks; a hang or an error on any rank fails the test with the tracebacks."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, port, fn, args, queue), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results, errors = {}, {}
-    try:
-        for _ in range(WORLD):
-            rank, status, value = queue.get(timeout=TIMEOUT_S + 60)
-            (results if status == "ok" else errors)[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [results[r] for r in range(WORLD)]
+def run_ranks(fn):
+    """``fn(rank, world_size)`` on WORLD gloo ranks; a hang or an error on a rank fails the test with its traceback."""
+    return spawn_ranks(fn, WORLD, timeout=TIMEOUT_S)
 
 
 def _model(tie: bool):
@@ -191,7 +148,7 @@ FSDP2_VARIANTS = {  # (tied embeddings, head as its own unit, patched before ful
 }
 
 
-def _wrapping_worker(rank):
+def _wrapping_worker(rank, world_size):
     results = {f"ddp tied={tie}": _ddp_worker(rank, tie) for tie in (False, True)}
     results.update({f"fsdp2 {name}": _fsdp2_worker(rank, *variant) for name, variant in FSDP2_VARIANTS.items()})
     try:
@@ -201,11 +158,11 @@ def _wrapping_worker(rank):
     return results
 
 
-def _accelerate_both(rank):
+def _accelerate_both(rank, world_size):
     return {f"accelerate fsdp v{v}": _accelerate_worker(rank, v) for v in (1, 2)}
 
 
-def _zero3_worker(rank):
+def _zero3_worker(rank, world_size):
     """ZeRO-3 partitions every parameter and gathers it in each module's pre-forward hook, and again in the
     pre-backward Function it puts on the module's outputs. Two SGD steps: the losses of both and every parameter's
     full gradient in the first, against the unpatched model under the same engine. The torch backend computes the
