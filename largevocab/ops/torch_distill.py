@@ -172,6 +172,7 @@ def _run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_w
             dw.addmm_(s.T, h.to(acc))
         if need_b:
             db += s.sum(dim=0)
+        del s, t  # before the next chunk's logits exist, or two chunks of each are held at once
     grads = (dh, dw.to(student_weight.dtype) if need_w else None, db.to(student_bias.dtype) if need_b else None)
     return div, ent, norm, aux, grads
 

@@ -119,6 +119,7 @@ def forward(hidden, weight, bias, targets, valid, opts: LogProbOptions, chunk_ro
                                                                                       opts.entropy)
             if block_ent is not None:
                 ent[rows] = block_ent
+        del z  # before the next chunk's logits exist, or two chunks are held at once
     return finish(target_rel, norm, ent, valid)
 
 
@@ -196,6 +197,7 @@ def backward(hidden, weight, bias, targets, valid, norm, ent, opts: LogProbOptio
                 dw.addmm_(z.T, h.to(acc))
             if need_b:
                 db += z.sum(dim=0)
+            del z, ds, cap_grad  # before the next chunk's logits exist (ds is a view of z)
     return (
         dh,
         dw.to(weight.dtype) if need_w else None,
@@ -211,4 +213,5 @@ def argmax(hidden, weight, bias, softcap: float | None, chunk_rows: int | None =
     for start in range(0, hidden.shape[0], chunk_rows):
         z, _ = final_logits(hidden[start:start + chunk_rows], weight, bias, softcap, 1.0)
         out[start:start + chunk_rows] = z.argmax(dim=-1)
+        del z
     return out
