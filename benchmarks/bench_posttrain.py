@@ -7,13 +7,16 @@
 objective ``-sum(advantage * logp) - 0.01 * sum(entropy)`` (per-token upstream gradients, as GRPO's are). Providers:
 materialised ``log_softmax`` + gather + entropy (``materialised``), TRL's materialised ``selective_log_softmax`` +
 ``entropy_from_logits`` (``trl_selective``), TRL's chunked fused head ``ChunkedLogProbFunction`` (``trl_chunked``,
-what its trainers call), Liger's ``LigerFusedLinearGRPOLoss`` (``liger``, when it runs here), and
-``lv.linear_log_probs`` (``lv_torch``, ``lv_triton`` on CUDA).
+what its trainers call), Liger's ``LigerFusedLinearGRPOLoss`` (``liger``: chunked PyTorch, its own clipped
+objective without the entropy, N tokens as completions of 1024), and ``lv.linear_log_probs`` (``lv_torch``,
+``lv_triton`` on CUDA).
 
 ``distill``: ``forward_kl`` and ``jsd`` (beta 0.5) between a student (D) and a teacher (D_T) head, mean over
 tokens, backward to the student. Providers: materialised ``F.kl_div`` on both log-softmaxes, TRL's
-``ChunkedDivergenceFunction`` (``trl_chunked``), Liger's ``LigerFusedLinearJSD`` (``liger``), and
-``lv.linear_distillation_loss``.
+``ChunkedDivergenceFunction`` (``trl_chunked``), Liger's chunked ``LigerFusedLinearJSDLoss`` (``liger``, soft
+term only; beta 0 is its forward KL) and its Triton ``LigerFusedLinearJSD`` (``liger_triton``, CUDA), and
+``lv.linear_distillation_loss``. Liger is not a dependency: ``pip install --no-deps liger-kernel`` (or put it on
+``PYTHONPATH``) to include it; without it its rows say why they were skipped.
 
 Each provider runs in a fresh subprocess (peak memory its own: CPU peak RSS above what the inputs held, CUDA
 allocator peak); time is the median of the repeats after one warm-up. A provider whose estimated peak exceeds the
@@ -38,11 +41,14 @@ from harness import append_csv, device_name, run_worker, time_ms, versions
 
 TASKS = ("grpo", "distill")
 PROVIDERS = {"grpo": ("materialised", "trl_selective", "trl_chunked", "liger", "lv_torch", "lv_triton"),
-             "distill": ("materialised", "trl_chunked", "liger", "lv_torch", "lv_triton")}
+             "distill": ("materialised", "trl_chunked", "liger", "liger_triton", "lv_torch", "lv_triton")}
+CUDA_ONLY = ("lv_triton", "liger_triton")
 KINDS = ("forward_kl", "jsd")
 TEMPERATURE = 0.9
 ENTROPY_WEIGHT = 0.01
 JSD_BETA = 0.5
+# Tokens per completion when Liger's GRPO loss (which chunks by sequence) gets the N tokens as sequences.
+LIGER_COMPLETION_LEN = 1024
 SEED = 0
 # Live (N, V) float32 buffers at the peak of each materialised provider's forward+backward (counted from its code:
 # logits, log-softmax, softmax / products and their gradients); the chunked providers hold O(chunk x V).
@@ -99,11 +105,14 @@ def build_grpo(provider):
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        loss = LigerFusedLinearGRPOLoss(beta=0.0, temperature=TEMPERATURE)
+        # Its own GRPO objective (clipped ratio, no entropy term) over (sequences, completion length); it chunks by
+        # sequence, so one sequence of all N tokens would materialise every logit.
+        loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, temperature=TEMPERATURE)
 
         def fn(h, w, y, extra):
-            mask = torch.ones_like(y)[None]
-            return loss(h[None], w, y[None], mask, extra["advantage"][:1])[0]
+            seqs = max(1, h.shape[0] // LIGER_COMPLETION_LEN)
+            h, y = h.view(seqs, -1, h.shape[-1]), y.view(seqs, -1)
+            return loss(h, w, y, torch.ones_like(y), extra["advantage"][:seqs])[0]
         return fn
     if provider in ("lv_torch", "lv_triton"):
         backend = provider.removeprefix("lv_")
@@ -141,6 +150,12 @@ def build_distill(provider, kind):
             return div.mean()
         return fn
     if provider == "liger":
+        # Liger's chunked (PyTorch, torch.compile'd) distillation loss, soft term only: beta 0 is its forward KL.
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+        return lambda h, w, y, extra: loss(h, w, extra["teacher_hidden"], extra["teacher_weight"], y)
+    if provider == "liger_triton":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         loss = LigerFusedLinearJSD(jsd_beta=beta)
@@ -227,7 +242,7 @@ def main(argv=None):
         return 0
 
     providers = args.providers.split(",") if args.providers else [
-        p for p in PROVIDERS[args.task] if args.device == "cuda" or p != "lv_triton"]
+        p for p in PROVIDERS[args.task] if args.device == "cuda" or p not in CUDA_ONLY]
     kinds = KINDS if args.task == "distill" else ("",)
     meta = {"date": date.today().isoformat(), "device": device_name(args.device), "task": args.task, "n": args.n,
             "v": args.v, "d": args.d, "d_teacher": args.d_teacher if args.task == "distill" else "",

@@ -52,11 +52,24 @@ def run_worker(script: str, args: list[str]) -> tuple[dict | None, str]:
 
 
 def append_csv(rows: list[dict], path: str | None) -> None:
+    """Append ``rows`` to the CSV at ``path``; rows with other columns than the file's (another task's) rewrite
+    the file under the union of both, atomically, instead of appending lines that do not match its header."""
     if not path or not rows:
         return
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            header = list(reader.fieldnames or [])
+        if header == columns:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerows(rows)
+            return
+        columns, rows = list(dict.fromkeys(header + columns)), old + rows
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)

@@ -65,6 +65,21 @@ def test_benchmark_harness_writes_its_csv(tmp_path):
         assert float(r["ms"]) > 0 and float(r["loss_abs_error"]) < 1e-4 and r["device"]
 
 
+def test_appending_rows_of_other_columns_rewrites_the_csv_under_their_union(tmp_path, monkeypatch):
+    """The post-training benchmark appends GRPO and distillation rows (different floor columns) to one file: every
+    line must stay under a header that names its fields."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from harness import append_csv
+
+    path = str(tmp_path / "mixed.csv")
+    append_csv([{"task": "grpo", "flops": 1}], path)
+    append_csv([{"task": "grpo", "flops": 2}], path)
+    append_csv([{"task": "distill", "flops_kl": 3}], path)
+    assert read_csv(path) == [{"task": "grpo", "flops": "1", "flops_kl": ""},
+                              {"task": "grpo", "flops": "2", "flops_kl": ""},
+                              {"task": "distill", "flops": "", "flops_kl": "3"}]
+
+
 @pytest.mark.parametrize("path", sorted(
     os.path.join(ROOT, "benchmarks", "results", f) for f in os.listdir(os.path.join(ROOT, "benchmarks", "results"))
     if f.endswith(".csv")))
