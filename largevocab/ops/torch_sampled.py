@@ -84,6 +84,7 @@ def forward(hidden, weight, targets, valid, negatives, correction, remove_hits: 
         # The positive is in every row's softmax, so masking never leaves a row of -inf.
         lse[rows] = torch.logsumexp(torch.cat([s_pos.unsqueeze(1), s_neg], dim=1), dim=1)
         pos[rows] = s_pos
+        del s_neg, w_neg  # before the next chunk's exist, or two chunks are held at once
     return sampled_loss(lse, pos, valid), lse
 
 
@@ -125,6 +126,9 @@ def backward(hidden, weight, targets, valid, negatives, correction, remove_hits:
                 contrib = ds_neg.unsqueeze(2) * h_acc.unsqueeze(1)
                 grad_w.index_add_(0, neg.reshape(-1), contrib.reshape(-1, h.shape[1]))
             grad_w.index_add_(0, y, ds_pos.unsqueeze(1) * h_acc)
+        # Before the next chunk's buffers exist (ds_neg is a view of s_neg).
+        del s_neg, ds_neg, w_neg
+        dh = contrib = None
     if need_w and shared:
         grad_w.index_add_(0, negatives, grad_w_shared)  # duplicates in the shared set accumulate
     if need_w:

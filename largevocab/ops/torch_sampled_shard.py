@@ -48,6 +48,7 @@ def forward(hidden, weight, targets, owned, negatives, correction, remove_hits: 
         *_, s_pos, s_neg = _chunk(hidden, weight, targets, owned, negatives, correction, remove_hits, rows, w_shared)
         lse[rows] = torch.logsumexp(torch.cat([s_pos.unsqueeze(1), s_neg], dim=1), dim=1)
         pos[rows] = torch.where(owned[rows], s_pos, torch.zeros_like(s_pos))
+        del s_neg  # before the next chunk's exist, or two chunks are held at once
     return lse, pos
 
 
@@ -90,6 +91,9 @@ def backward(hidden, weight, targets, owned, negatives, correction, remove_hits:
                 contrib = ds_neg.unsqueeze(2) * h_acc.unsqueeze(1)
                 grad_w.index_add_(0, neg.clamp(max=vocab - 1).reshape(-1), contrib.reshape(-1, h.shape[1]))
             grad_w.index_add_(0, y.clamp(max=vocab - 1), ds_pos.unsqueeze(1) * h_acc)
+        # Before the next chunk's buffers exist (ds_neg is a view of s_neg).
+        del s_neg, ds_neg, w_neg
+        dh = contrib = None
     if need_w and shared:
         grad_w.index_add_(0, negatives.clamp(max=vocab - 1), grad_w_shared)
     return (grad_h.to(hidden.dtype) if need_h else None), (grad_w.to(weight.dtype) if need_w else None)

@@ -72,6 +72,7 @@ def forward(hidden, weight, targets, rows, cols, chunk_buckets: int | None = Non
         part = slice(start, start + chunk)
         logits, _, _, _ = _bucket_logits(hidden, weight, targets, rows[part], cols[part])
         lse[part] = torch.logsumexp(logits, dim=-1)
+        del logits  # before the next chunk's logits exist, or two chunks are held at once
     return lse, positive_logits(hidden, weight, targets)
 
 
@@ -102,4 +103,7 @@ def backward(hidden, weight, targets, rows, cols, lse, grad_lse, grad_positive, 
             if need_w:
                 dw = torch.bmm(ds.transpose(1, 2), xg.to(acc))
                 grad_w.index_add_(0, items.reshape(-1), dw.reshape(-1, weight.shape[1]))  # absent items add 0
+            # Before the next chunk's buffers exist (ds is a view of logits).
+            del logits, ds, xg, wg, items
+            dx = dw = None
     return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None)
