@@ -49,7 +49,7 @@ def default_chunk_rows(vocab: int) -> int:
 def _log_softmax_(x: torch.Tensor):
     """Row-wise log-softmax in place as ``(x - c) - log sum e^(x - c)``, c the row max (0 where infinite), exact to
     the rounding of ``x - c`` like ``torch.log_softmax``; returns ``(x, p, c, log sum)`` with the probabilities
-    ``p = e^(x - c) / sum`` (one exp per entry, correctly rounded to 2 ulp where ``exp(log p)`` carries the rounding
+    ``p = e^(x - c) / sum`` (one exp per entry, accurate to 2 ulp, where ``exp(log p)`` would carry the rounding
     of ``log p``). A row holding +inf or NaN, or only -inf, is NaN (the materialised semantics)."""
     row_max = x.amax(dim=1)
     shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
