@@ -111,6 +111,7 @@ def build_grpo(provider):
 
         def fn(h, w, y, extra):
             seqs = max(1, h.shape[0] // LIGER_COMPLETION_LEN)
+            seqs = seqs if h.shape[0] % seqs == 0 else 1
             h, y = h.view(seqs, -1, h.shape[-1]), y.view(seqs, -1)
             return loss(h, w, y, torch.ones_like(y), extra["advantage"][:seqs])[0]
         return fn
