@@ -22,13 +22,6 @@ from largevocab.integrations.sasrec import (
     temporal_split,
 )
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-ML1M = os.path.join(SHARED_DATA, "rec", "ml-1m.txt")
-COLLECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "collect_sasrec.py")
-REPRO_TABLE = os.path.join(os.path.dirname(COLLECT), "sasrec_repro_table.py")
-SLICE_USERS = 64
-
-
 # Tiny tensors: the shared fixture runs this module on one intra-op thread (see conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
