@@ -68,10 +68,11 @@ def _dot(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def _xlogy_sum(p: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(sum_v p_v d_v per row, every d finite)``, where p_v = 0 contributes 0 even if d_v is infinite (0 log 0 =
-    0); NaN stays NaN. A finite dot means no 0 * inf happened (that would be NaN): the masked sum is only computed
-    for a block with an infinite d (-inf logits)."""
+    0); NaN stays NaN. A finite dot means no 0 * inf happened (that would be NaN): on the CPU the masked sum is only
+    computed for a block with an infinite d (-inf logits); elsewhere the check would be a host sync per block, so
+    the masked sum is always taken."""
     fast = _dot(p, d)
-    if bool(torch.isfinite(fast).all()):
+    if fast.device.type == "cpu" and bool(torch.isfinite(fast).all()):
         return fast, True
     return torch.where(p == 0, torch.zeros_like(d), p * d).sum(dim=1), False
 
