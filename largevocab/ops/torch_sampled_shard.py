@@ -45,10 +45,12 @@ def forward(hidden, weight, targets, owned, negatives, correction, remove_hits: 
     w_shared = weight[negatives.clamp(max=weight.shape[0] - 1)] if shared else None
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        *_, s_pos, s_neg = _chunk(hidden, weight, targets, owned, negatives, correction, remove_hits, rows, w_shared)
+        *gathered, s_pos, s_neg = _chunk(hidden, weight, targets, owned, negatives, correction, remove_hits, rows,
+                                         w_shared)
         lse[rows] = torch.logsumexp(torch.cat([s_pos.unsqueeze(1), s_neg], dim=1), dim=1)
         pos[rows] = torch.where(owned[rows], s_pos, torch.zeros_like(s_pos))
-        del s_neg  # before the next chunk's exist, or two chunks are held at once
+        # Before the next chunk's exist (gathered holds this chunk's weight rows), or two chunks are held at once.
+        del gathered, s_neg
     return lse, pos
 
 
