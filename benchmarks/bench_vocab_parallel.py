@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                                        threads=args.threads))
                 launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", ranks, script,
                             "--worker-spec", spec]
-                result, reason = run_worker("-m", launcher)
+                result, reason = run_worker("-m", launcher, echo_failure=True)
                 if result is None:
                     print(f"{loss:>4} V={v:>8} ranks={ranks}: failed: {reason}", flush=True)
                     continue

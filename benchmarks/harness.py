@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -42,12 +43,33 @@ def versions() -> dict:
     return out
 
 
-def run_worker(script: str, args: list[str]) -> tuple[dict | None, str]:
-    """Run ``python script *args`` in a fresh process (its own peak memory); its last stdout line is a JSON row."""
+# A raised exception's own line ("ValueError: ...", "[rank1]: RuntimeError: ..."), as opposed to a launcher's.
+_EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b.*")
+_LAUNCHER_ERROR = "torch.distributed.elastic"
+
+
+def failure_reason(stderr: str) -> str:
+    """The line of a failed worker's stderr that says why: the first exception a worker raised (under
+    ``torch.distributed.run`` the launcher's own ChildFailedError and its box of ``=`` come after it), else the last
+    line that is not decoration."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if _EXCEPTION_LINE.match(line) and _LAUNCHER_ERROR not in line:
+            return line
+    return next((line for line in reversed(lines) if line.strip("=-")), "failed")
+
+
+def run_worker(script: str, args: list[str], echo_failure: bool = False) -> tuple[dict | None, str]:
+    """Run ``python script *args`` in a fresh process (its own peak memory); its last stdout line is a JSON row.
+    On failure: ``(None, failure_reason(stderr))``, and with ``echo_failure`` the worker's whole stderr goes to
+    ours (for failures that are never expected, where the line alone would not be enough to act on)."""
     env = {**os.environ, **STABLE_RSS_ENV}
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return None, (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        if echo_failure:
+            print(f"worker {script} {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}", file=sys.stderr,
+                  flush=True)
+        return None, failure_reason(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 

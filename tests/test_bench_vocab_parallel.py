@@ -24,7 +24,7 @@ def test_smoke_run_reports_the_docstring_floor_and_the_unsharded_loss(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["loss"], r["ranks"]) for r in rows] == [("ce", "2"), ("sce", "2")], proc.stdout
+    assert [(r["loss"], r["ranks"]) for r in rows] == [("ce", "2"), ("sce", "2")], proc.stdout + proc.stderr
 
     sys.path.insert(0, BENCH)
     try:

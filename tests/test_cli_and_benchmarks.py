@@ -80,6 +80,25 @@ def test_appending_rows_of_other_columns_rewrites_the_csv_under_their_union(tmp_
                               {"task": "distill", "flops": "", "flops_kl": "3"}]
 
 
+def test_a_failed_worker_reports_its_own_exception_not_the_launchers(tmp_path, monkeypatch):
+    """A rank failing under torch.distributed.run ends torchrun's stderr with its ChildFailedError and a box of '=':
+    the reason a benchmark prints must be the rank's exception (CI once showed only '=====')."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from harness import run_worker
+
+    script = tmp_path / "fails.py"
+    script.write_text("import torch.distributed as dist\n"
+                      "dist.init_process_group('gloo')\n"
+                      "if dist.get_rank() == 1:\n"
+                      "    raise ValueError('rank 1 cannot go on')\n"
+                      "dist.barrier()\n")
+    result, reason = run_worker("-m", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                       str(script)])
+    assert result is None and reason.endswith("ValueError: rank 1 cannot go on"), reason
+    script.write_text("import sys\nprint('partial', file=sys.stderr)\nsys.exit(3)\n")
+    assert run_worker(str(script), []) == (None, "partial")
+
+
 @pytest.mark.parametrize("path", sorted(
     os.path.join(ROOT, "benchmarks", "results", f) for f in os.listdir(os.path.join(ROOT, "benchmarks", "results"))
     if f.endswith(".csv")))
