@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -45,6 +46,10 @@ from largevocab.profiling import PeakMemory
 from harness import append_csv, device_name, run_worker, versions
 
 LOSSES = ("ce", "sce")
+# Failures of the processes' sockets or rendezvous (gloo's TCP pairs, the TCPStore), not of a loss: a run that
+# hits one is started again once, saying so. Any other failure is reported as it is.
+TRANSPORT_FAILURE = re.compile(r"Connection (reset|refused|closed)|Broken pipe|EADDRINUSE|[Aa]ddress already in use|"
+                               r"DistNetworkError|DistStoreError|Socket Timeout")
 SEED = 0
 WEIGHT_BLOCK_ROWS = 4096  # rows of the table built at a time (float64 temporaries of 4096 x D)
 SMOKE = dict(ranks="2", losses="ce,sce", v="3000", n="256", d="16", repeats=1)
@@ -217,6 +222,9 @@ def main(argv=None) -> int:
                 launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", ranks, script,
                             "--worker-spec", spec]
                 result, reason = run_worker("-m", launcher, echo_failure=True)
+                if result is None and TRANSPORT_FAILURE.search(reason):
+                    print(f"{loss:>4} V={v:>8} ranks={ranks}: launch failed ({reason}); retrying once", flush=True)
+                    result, reason = run_worker("-m", launcher, echo_failure=True)
                 if result is None:
                     print(f"{loss:>4} V={v:>8} ranks={ranks}: failed: {reason}", flush=True)
                     continue
