@@ -164,3 +164,42 @@ def test_sasrec_benchmark_runs_single_and_under_accelerate_with_two_processes(tm
     rows = read_csv(out_csv)
     assert [(r["provider"], r["processes"]) for r in rows] == [("ce", "1"), ("cce", "1"), ("sce", "1"), ("cce", "2")]
     assert all(int(r["num_items"]) == 1500 and float(r["ms"]) > 0 for r in rows)
+
+
+def test_popularity_floor_is_the_minimum_of_our_gbce_loss_over_per_item_scores(monkeypatch):
+    """benchmarks/sasrec_popularity_floor.py's closed form against the loss the trainer runs (losses.py), with one
+    score per item as the 'model' and the expectation over negatives taken by Monte Carlo: equal at the closed-form
+    scores, larger when they move."""
+    import numpy as np
+    import torch
+
+    from largevocab.integrations.sasrec.losses import GeneralisedBinaryCrossEntropy, gbce_beta
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_popularity_floor import popularity_floor, target_frequencies
+
+    v, k, t = 300, 64, 0.75
+    rng = np.random.default_rng(0)
+    zipf = 1.0 / np.arange(1, v + 1)
+    histories = [rng.choice(np.arange(1, v + 1), size=int(rng.integers(2, 40)), p=zipf / zipf.sum())
+                 for _ in range(3000)]
+    q = target_frequencies(histories, v, max_len=20)
+    beta = gbce_beta(k, v, t)
+    floor = popularity_floor(q, k, beta)
+
+    loss = GeneralisedBinaryCrossEntropy(num_negatives=k, t=t, seed=1)
+    targets = torch.from_numpy(rng.choice(v, size=40_000, p=q))  # 0-based, as compute() takes them
+    seen = q > 0
+    best = torch.full((v,), -30.0, dtype=torch.float64)
+    best[torch.from_numpy(seen)] = torch.from_numpy(np.log(beta * q[seen] * v / k))
+
+    def expected(scores):
+        loss.reseed(1)
+        hidden = torch.ones(len(targets), 1, dtype=torch.float64)
+        return float(loss.compute(hidden, scores.unsqueeze(1), targets))
+
+    at_best = expected(best)
+    # The sampled targets' frequencies differ from q by ~1/sqrt(40k) per item: the floor holds to about 1%.
+    assert at_best == pytest.approx(floor, rel=0.01)
+    for shift in (-0.5, 0.5):
+        assert expected(best + shift) > at_best * 1.01
