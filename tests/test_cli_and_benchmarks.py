@@ -203,3 +203,20 @@ def test_popularity_floor_is_the_minimum_of_our_gbce_loss_over_per_item_scores(m
     assert at_best == pytest.approx(floor, rel=0.01)
     for shift in (-0.5, 0.5):
         assert expected(best + shift) > at_best * 1.01
+
+
+def test_gsasrec_reference_log_is_collected_epoch_by_epoch(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from collect_gsasrec_reference import collect
+
+    (tmp_path / "train_stdout.txt").write_text(
+        "Total params: 1\nEpoch 0 evaluation result: {nDCG@10: 0.0, R@1: 0.0, R@10: 0.0}\n"
+        "Epoch 1 evaluation result: {nDCG@10: 0.0012040915477533397, R@1: 0.0, R@10: 0.00390625}\n")
+    (tmp_path / "train_stderr.txt").write_text(
+        "Epoch 0 loss: 3.99:  21%|##  | 10/48\rEpoch 0 loss: 2.68: 100%|####| 48/48\r"
+        "Epoch 1 loss: 0.9: 50%\rEpoch 1 loss: 0.82: 100%|####| 48/48\n")
+    (tmp_path / "test_stdout.txt").write_text("{nDCG@10: 0.0011, R@1: 0.0, R@10: 0.0021}\n")
+    row = collect(str(tmp_path))
+    assert [(h["epoch"], h["train_loss"], h["valid"]["nDCG@10"]) for h in row["history"]] == [
+        (1, 2.68, 0.0), (2, 0.82, 0.0012040915477533397)]
+    assert row["best_epoch"] == 2 and row["test"] == {"nDCG@10": 0.0011, "R@1": 0.0, "R@10": 0.0021}
