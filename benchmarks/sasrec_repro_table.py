@@ -58,21 +58,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reference_table(runs: list[dict]) -> str:
+    """Runs of a reference repository's own code (collect_gsasrec_reference.py rows), on their own protocol."""
+    lines = ["| reference code | commit | config | test NDCG@10 | R@10 | best / run epochs | validation | stopped by "
+             "| changes to their code |", "|---|---|---|---:|---:|---:|---|---|---:|"]
+    for r in runs:
+        test = r["test"] or {}
+        ndcg, recall = test.get("nDCG@10", float("nan")), test.get("R@10", float("nan"))
+        lines.append(f"| {r['repository']} | {r['commit'][:10]} | {r['config']} | {ndcg:.4f} | {recall:.4f} "
+                     f"| {r['best_epoch']} / {r['epochs_run']} | {r['validation']} | {r['stopped_by']} "
+                     f"| {len(r['changes'])} (in the row's JSON) |")
+    return "\n".join(lines)
+
+
 def sources() -> str:
     return "\n".join(f"- {s}" for s in sorted({p[3] for p in PUBLISHED.values()}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="results JSON files of collect_sasrec.py")
+    parser.add_argument("results", nargs="+", help="results JSON files of collect_sasrec.py (and of "
+                        "collect_gsasrec_reference.py)")
     args = parser.parse_args(argv)
-    rows = []
+    rows, references = [], []
     for path in args.results:
         with open(path) as f:
             result = json.load(f)
+        if "repository" in result:  # a reference code's own run, not one of ours
+            references.append(result)
+            continue
         for row in result["rows"]:
             rows.append({**row, "run": result.get("run", row["run"])})
     print(table(rows))
+    if references:
+        print("\nReference code, run here:\n" + reference_table(references))
     print("\nPublished numbers:\n" + sources())
     return 0
 

@@ -220,3 +220,11 @@ def test_gsasrec_reference_log_is_collected_epoch_by_epoch(tmp_path, monkeypatch
     assert [(h["epoch"], h["train_loss"], h["valid"]["nDCG@10"]) for h in row["history"]] == [
         (1, 2.68, 0.0), (2, 0.82, 0.0012040915477533397)]
     assert row["best_epoch"] == 2 and row["test"] == {"nDCG@10": 0.0011, "R@1": 0.0, "R@10": 0.0021}
+
+    from sasrec_repro_table import reference_table
+
+    line = reference_table([{**row, "repository": "asash/gSASRec-pytorch", "commit": "7e350285fb0123",
+                             "config": "config_ml1m.py", "validation": "512 users", "stopped_by": "time limit",
+                             "changes": ["one"]}]).splitlines()[-1]
+    assert line == ("| asash/gSASRec-pytorch | 7e350285fb | config_ml1m.py | 0.0011 | 0.0021 | 2 / 2 | 512 users "
+                    "| time limit | 1 (in the row's JSON) |")
