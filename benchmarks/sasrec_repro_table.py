@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**row, "run": result.get("run", row["run"])})
     print(table(rows))
     if references:
-        print("\nReference code, run here:\n" + reference_table(references))
+        print("\nReference code, run here:\n\n" + reference_table(references))
     print("\nPublished numbers:\n" + sources())
     return 0
 
