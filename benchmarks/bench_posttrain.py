@@ -110,8 +110,11 @@ def build_grpo(provider):
         loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, temperature=TEMPERATURE)
 
         def fn(h, w, y, extra):
-            seqs = max(1, h.shape[0] // LIGER_COMPLETION_LEN)
-            seqs = seqs if h.shape[0] % seqs == 0 else 1
+            n = h.shape[0]
+            if n > LIGER_COMPLETION_LEN and n % LIGER_COMPLETION_LEN:
+                # Falling back to one sequence would time Liger with every logit materialised.
+                raise ValueError(f"liger: N = {n} is not a multiple of its completion length {LIGER_COMPLETION_LEN}")
+            seqs = max(1, n // LIGER_COMPLETION_LEN)
             h, y = h.view(seqs, -1, h.shape[-1]), y.view(seqs, -1)
             return loss(h, w, y, torch.ones_like(y), extra["advantage"][:seqs])[0]
         return fn

@@ -124,6 +124,25 @@ def test_catalogue_benchmark_plot_and_summary_run(tmp_path):
     assert png.stat().st_size > 0
 
 
+@pytest.mark.parametrize("task", ["grpo", "distill"])
+def test_posttrain_benchmark_providers_agree(tmp_path, task):
+    """bench_posttrain.py at toy sizes: every provider that runs here (Liger is not a dependency) gives the
+    materialised loss, and the CSV names the task and kinds."""
+    out_csv = tmp_path / "posttrain.csv"
+    run("benchmarks/bench_posttrain.py", "--task", task, "--device", "cpu", "--n", "64", "--v", "300", "--d", "16",
+        "--d-teacher", "24", "--repeats", "1", "--providers", "materialised,trl_chunked,lv_torch", "--out",
+        str(out_csv))
+    rows = read_csv(out_csv)
+    kinds = ("forward_kl", "jsd") if task == "distill" else ("",)
+    assert sorted((r["provider"], r["kind"]) for r in rows) == sorted(
+        (p, k) for p in ("materialised", "trl_chunked", "lv_torch") for k in kinds)
+    for kind in kinds:
+        want = next(float(r["loss"]) for r in rows if r["provider"] == "materialised" and r["kind"] == kind)
+        for r in rows:
+            if r["kind"] == kind:
+                assert not r["skipped"] and float(r["loss"]) == pytest.approx(want, rel=1e-4, abs=1e-6), r
+
+
 def test_sampled_benchmark_runs(tmp_path):
     out_csv = tmp_path / "sampled.csv"
     run("benchmarks/bench_sampled.py", "--device", "cpu", "--n", "64", "--k", "16", "--v", "500", "--d", "16",
