@@ -2,6 +2,10 @@
 numbers they are meant to reproduce, with each run's status (converged by patience, or the epoch it reached).
 
     python benchmarks/sasrec_repro_table.py benchmarks/results/sasrec_repro_2026-12-01/*.json
+    python benchmarks/sasrec_repro_table.py --at-epochs 10,20,40 --runs ml_ce_s0,ml_ce_s1 <results JSON>
+
+``--at-epochs`` adds the validation NDCG@10 of each run at those epochs (the curves side by side: seed spread at
+matched epochs, where an approximate loss or a smaller table meets the exact one); ``--runs`` keeps those runs.
 
 Only what the runs recorded is printed; the published numbers and their sources are the constants below.
 """
@@ -71,6 +75,34 @@ def reference_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curves_table(rows: list[dict], epochs: list[int]) -> str:
+    """Validation NDCG@10 of each run at ``epochs`` ("-" where a run stopped before), and where runs share a loss
+    and options but not a seed, their spread at each epoch: (max - min) / mean over the runs that reached it."""
+    lines = ["| run | loss | options | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "|---|---|---|" + "---:|" * len(epochs)]
+    curves = {}
+    for r in rows:
+        by_epoch = {h["epoch"]: h["valid_ndcg@10"] for h in r["history"] if h.get("valid_ndcg@10") is not None}
+        curves[r["run"]] = by_epoch
+        cells = [f"{by_epoch[e]:.4f}" if e in by_epoch else "-" for e in epochs]
+        lines.append(f"| {r['run']} | {loss_name(r)} | {options(r['argv'])} | " + " | ".join(cells) + " |")
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        # options() leaves out --seed; a run continued with --resume is the same run.
+        same = options([a for a in r["argv"] if a != "--resume"])
+        groups.setdefault((data_file(r), loss_name(r), same), []).append(r["run"])
+    for (_, loss, opts), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        cells = []
+        for e in epochs:
+            values = [curves[run][e] for run in runs if e in curves[run]]
+            cells.append(f"{(max(values) - min(values)) / (sum(values) / len(values)):.1%} ({len(values)})"
+                         if len(values) >= 2 else "-")
+        lines.append(f"| spread of {len(runs)} seeds | {loss} | {opts} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sources() -> str:
     return "\n".join(f"- {s}" for s in sorted({p[3] for p in PUBLISHED.values()}))
 
@@ -79,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="results JSON files of collect_sasrec.py (and of "
                         "collect_gsasrec_reference.py)")
+    parser.add_argument("--at-epochs", default=None, help="comma-separated epochs: add the curves table")
+    parser.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
     args = parser.parse_args(argv)
+    try:
+        epochs = [int(e) for e in args.at_epochs.split(",")] if args.at_epochs else []
+    except ValueError:
+        parser.error(f"--at-epochs must be comma-separated integers, got {args.at_epochs!r}")
+    keep = set(args.runs.split(",")) if args.runs else None
     rows, references = [], []
     for path in args.results:
         with open(path) as f:
@@ -89,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for row in result["rows"]:
             rows.append({**row, "run": result.get("run", row["run"])})
+    if keep is not None:
+        missing = keep - {r["run"] for r in rows}
+        if missing:
+            parser.error(f"--runs: no results for {sorted(missing)}")
+        rows = [r for r in rows if r["run"] in keep]
     print(table(rows))
+    if epochs:
+        print("\nValidation NDCG@10 by epoch:\n\n" + curves_table(rows, epochs))
     if references:
         print("\nReference code, run here:\n\n" + reference_table(references))
     print("\nPublished numbers:\n" + sources())

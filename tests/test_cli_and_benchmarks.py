@@ -247,3 +247,25 @@ def test_gsasrec_reference_log_is_collected_epoch_by_epoch(tmp_path, monkeypatch
                              "changes": ["one"]}]).splitlines()[-1]
     assert line == ("| asash/gSASRec-pytorch | 7e350285fb | config_ml1m.py | 0.0011 | 0.0021 | 2 / 2 | 512 users "
                     "| time limit | 1 (in the row's JSON) |")
+
+
+def test_repro_curves_table_lines_runs_up_by_epoch_and_measures_the_seed_spread(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_repro_table import curves_table, main
+
+    def row(run, seed, curve, *extra):
+        argv = ["--data", "x/ml-1m.txt", "--loss", "ce", "--preset", "sasrec+", "--seed", str(seed), *extra]
+        return {"run": run, "loss": "ce", "argv": argv,
+                "history": [{"epoch": e, "valid_ndcg@10": v} for e, v in enumerate(curve, start=1)]}
+
+    rows = [row("s0", 0, [0.10, 0.20]), row("s1", 1, [0.14, 0.30, 0.31], "--resume"),
+            row("mlet", 0, [0.05], "--hidden-dim", "16")]
+    lines = curves_table(rows, [1, 3]).splitlines()
+    assert lines[2:] == [
+        "| s0 | ce | --preset sasrec+ | 0.1000 | - |",
+        "| s1 | ce | --preset sasrec+ --resume | 0.1400 | 0.3100 |",
+        "| mlet | ce | --preset sasrec+ --hidden-dim 16 | 0.0500 | - |",
+        # Seeds 0 and 1 (the resumed run is the same run): (0.14 - 0.10) / 0.12 at epoch 1; one run reached epoch 3.
+        "| spread of 2 seeds | ce | --preset sasrec+ | 33.3% (2) | - |"]
+    with pytest.raises(SystemExit):
+        main(["--at-epochs", "ten", "unused.json"])

@@ -419,10 +419,13 @@ def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
     result = json.loads(collected.read_text())
     assert result["date"] == "today" and result["rows"][0]["test"] == metrics["test"]
     assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" in collect.stdout
-    table = subprocess.run([sys.executable, REPRO_TABLE, str(collected)], capture_output=True, text=True, timeout=120)
+    table = subprocess.run([sys.executable, REPRO_TABLE, str(collected), "--at-epochs", "2,5"], capture_output=True,
+                           text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert f"| slice.txt | run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" \
         in table.stdout and "| epoch cap 2 reached |" in table.stdout
+    valid_2 = metrics["history"][1]["valid"]["ndcg@10"]
+    assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {valid_2:.4f} | - |" in table.stdout
 
 
 def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
