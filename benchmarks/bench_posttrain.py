@@ -187,7 +187,7 @@ def worker(args) -> dict:
         loss = step()
     ms = time_ms(step, args.device, args.repeats)
     return {"provider": args.provider, "kind": args.kind, "ms": ms, "peak_extra_bytes": int(memory.extra_bytes),
-            "loss": float(loss)}
+            "loss": loss.item()}
 
 
 def floors(args) -> dict:
