@@ -32,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from datetime import date
@@ -174,6 +175,23 @@ def load_tokens(cfg: JobConfig):
     return ids[:split], ids[split:], len(tokenizer)
 
 
+def save_tokens(path: str, cfg: JobConfig) -> None:
+    """Tokenize ``cfg``'s text once (:func:`load_tokens`) for every worker process of the job: the text is read and
+    encoded once instead of once per loss and rank."""
+    train_ids, val_ids, vocab = load_tokens(cfg)
+    dtype = torch.int32 if vocab <= torch.iinfo(torch.int32).max else torch.int64  # half the bytes of a big corpus
+    torch.save({"train": train_ids.to(dtype), "val": val_ids.to(dtype), "vocab": vocab,
+                "source": (cfg.text, cfg.tokenizer, cfg.text_column, cfg.text_split, cfg.text_config)}, path)
+
+
+def read_tokens(path: str, cfg: JobConfig):
+    """What :func:`save_tokens` wrote, as :func:`load_tokens` returns it (int64)."""
+    saved = torch.load(path, weights_only=True)
+    source = (cfg.text, cfg.tokenizer, cfg.text_column, cfg.text_split, cfg.text_config)
+    assert tuple(saved["source"]) == source, (saved["source"], source)  # the parent wrote it for this job
+    return saved["train"].long(), saved["val"].long(), saved["vocab"]
+
+
 # Model families the job can build (any canonical causal LM works with the patch; these are the benchmark shapes:
 # Llama 3.2 style, and Gemma 2 style with its final-logit soft cap).
 FAMILY_CONFIG = {"llama": {}, "gemma2": {"final_logit_softcapping": 30.0, "head_dim": None}}
@@ -205,8 +223,9 @@ def validation_windows(val_ids: torch.Tensor, cfg: JobConfig) -> torch.Tensor:
     return val_ids[:count * cfg.seq_len].view(count, cfg.seq_len)
 
 
-def train_one(loss: str, cfg: JobConfig) -> dict | None:
-    """Train and evaluate one loss in this process (under accelerate); rank 0 returns the result row."""
+def train_one(loss: str, cfg: JobConfig, tokens: str | None = None) -> dict | None:
+    """Train and evaluate one loss in this process (under accelerate); rank 0 returns the result row. ``tokens``:
+    the job's :func:`save_tokens` file (else the text is tokenized here)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -214,7 +233,7 @@ def train_one(loss: str, cfg: JobConfig) -> dict | None:
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if cfg.precision == "bf16" else "no")
-    train_ids, val_ids, vocab = load_tokens(cfg)
+    train_ids, val_ids, vocab = read_tokens(tokens, cfg) if tokens else load_tokens(cfg)
     model = build_model(vocab, cfg)
     # Forwards to switch between (patching again replaces the settings; None is the model's own forward):
     # the loss under test, and the exact fused loss (cce), used for the remedies' exact steps and, in eval mode,
@@ -304,8 +323,8 @@ def train_one(loss: str, cfg: JobConfig) -> dict | None:
             "curve": curve, "val_curve": val_curve}
 
 
-def _worker_command(loss: str, cfg: JobConfig) -> list[str]:
-    args = ["-m", "largevocab.integrations.lm_benchmark", "--worker", loss]
+def _worker_command(loss: str, cfg: JobConfig, tokens: str) -> list[str]:
+    args = ["-m", "largevocab.integrations.lm_benchmark", "--worker", loss, "--tokens", tokens]
     for field in fields(JobConfig):
         if field.name not in ("losses", "out", "processes"):
             args += [f"--{field.name.replace('_', '-')}", str(getattr(cfg, field.name))]
@@ -395,8 +414,9 @@ def parse(argv) -> tuple[JobConfig, str | None]:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
                             default=getattr(defaults, field.name))
     parser.add_argument("--worker", choices=LOSSES, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", help=argparse.SUPPRESS)
     args = vars(parser.parse_args(argv))
-    worker = args.pop("worker")
+    worker, tokens = args.pop("worker"), args.pop("tokens")
     cfg = JobConfig(**args)
     unknown = [x for x in cfg.losses.split(",") if x not in LOSSES]
     if unknown:
@@ -405,26 +425,33 @@ def parse(argv) -> tuple[JobConfig, str | None]:
         parser.error(f"--family must be one of {tuple(FAMILY_CONFIG)}, got {cfg.family}")
     if cfg.precision not in ("fp32", "bf16"):
         parser.error(f"--precision must be fp32 or bf16, got {cfg.precision}")
-    return cfg, worker
+    return cfg, worker, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, worker = parse(sys.argv[1:] if argv is None else argv)
+    cfg, worker, tokens = parse(sys.argv[1:] if argv is None else argv)
     if worker:
-        row = train_one(worker, cfg)
+        row = train_one(worker, cfg, tokens)
         if row is not None:
             print(json.dumps(row))
         return 0
     print(f"Training a {cfg.layers}-layer, d={cfg.dim} causal LM for {cfg.steps} steps of "
           f"{cfg.batch_size}x{cfg.seq_len} tokens per loss ({cfg.losses}); results in {cfg.out}/")
     rows = []
-    for loss in cfg.losses.split(","):
-        proc = subprocess.run(_worker_command(loss, cfg), stdout=subprocess.PIPE, text=True, check=False,
-                              env={**os.environ, **STABLE_RSS_ENV})
-        if proc.returncode:
-            print(f"{loss}: the run failed (exit {proc.returncode}); see the messages above", file=sys.stderr)
-            return proc.returncode
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="largevocab_lm_") as scratch:
+        tokens = os.path.join(scratch, "tokens.pt")
+        try:
+            save_tokens(tokens, cfg)
+        except (ValueError, OSError) as e:  # a bad --text or --tokenizer: said once, before any worker starts
+            print(f"largevocab lm: {e}", file=sys.stderr)
+            return 2
+        for loss in cfg.losses.split(","):
+            proc = subprocess.run(_worker_command(loss, cfg, tokens), stdout=subprocess.PIPE, text=True,
+                                  check=False, env={**os.environ, **STABLE_RSS_ENV})
+            if proc.returncode:
+                print(f"{loss}: the run failed (exit {proc.returncode}); see the messages above", file=sys.stderr)
+                return proc.returncode
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print_table(rows)
     write_outputs(rows, cfg)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:

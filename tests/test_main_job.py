@@ -52,6 +52,16 @@ def test_main_job_rejects_unknown_losses(tmp_path):
     assert not os.path.exists(tmp_path / "summary.csv")
 
 
+def test_main_job_names_a_bad_text_or_tokenizer_once_before_training(tmp_path, capsys):
+    from largevocab.integrations.lm_benchmark import main
+
+    assert main(["--text", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "a")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--tokenizer", str(tmp_path / "no_tokenizer"), "--out", str(tmp_path / "b")]) == 2
+    assert "no_tokenizer" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a" / "summary.csv") and not os.path.exists(tmp_path / "b")
+
+
 def test_exact_step_schedule_and_labels():
     from largevocab.integrations.lm_benchmark import JobConfig
 
