@@ -406,7 +406,7 @@ def print_table(rows: list[dict]) -> None:
               "  a higher cost per step.")
 
 
-def parse(argv) -> tuple[JobConfig, str | None]:
+def parse(argv) -> tuple[JobConfig, str | None, str | None]:
     parser = argparse.ArgumentParser(prog="largevocab lm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = JobConfig()
