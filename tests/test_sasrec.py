@@ -404,13 +404,15 @@ def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
             f.writelines(f"{user} {item}\n" for item in seq)
     out = tmp_path / "run"
     code = cli_main(["--data", str(path), "--loss", "sce", "--hidden-dim", "16", "--max-len", "20", "--epochs", "2",
-                     "--batch-size", "16", "--no-progress", "--device", "cpu", "--out", str(out), "--seed", "3"])
+                     "--batch-size", "16", "--drop-last", "--no-progress", "--device", "cpu", "--out", str(out),
+                     "--seed", "3"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["ndcg@10"] == round(metrics["test"]["ndcg@10"], 4)
     assert set(metrics["test"]) >= {f"{m}@{k}" for m in ("hr", "ndcg", "mrr", "cov") for k in (1, 5, 10, 20, 50)}
     assert (out / "best.pt").exists() and len(metrics["history"]) == 2
+    assert metrics["train_config"]["drop_last"] and [h["steps"] for h in metrics["history"]] == [1, 1]  # 24 // 16
     # benchmarks/collect_sasrec.py turns such runs into the committed results JSON and table.
     collected = tmp_path / "collected.json"
     collect = subprocess.run([sys.executable, COLLECT, str(out), "--out", str(collected), "--meta", "date=today"],
@@ -418,14 +420,16 @@ def test_cli_end_to_end_on_a_tiny_slice(ml1m_slice, tmp_path, capsys):
     assert collect.returncode == 0, collect.stderr
     result = json.loads(collected.read_text())
     assert result["date"] == "today" and result["rows"][0]["test"] == metrics["test"]
-    assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" in collect.stdout
+    assert f"| run | sce | --hidden-dim 16 --batch-size 16 --drop-last | {metrics['test']['ndcg@10']:.4f} |" \
+        in collect.stdout
     table = subprocess.run([sys.executable, REPRO_TABLE, str(collected), "--at-epochs", "2,5"], capture_output=True,
                            text=True, timeout=120)
     assert table.returncode == 0, table.stderr
-    assert f"| slice.txt | run | sce | --hidden-dim 16 --batch-size 16 | {metrics['test']['ndcg@10']:.4f} |" \
-        in table.stdout and "| epoch cap 2 reached |" in table.stdout
+    run_options = "--hidden-dim 16 --batch-size 16 --drop-last"
+    assert f"| slice.txt | run | sce | {run_options} | {metrics['test']['ndcg@10']:.4f} |" in table.stdout
+    assert "| epoch cap 2 reached |" in table.stdout
     valid_2 = metrics["history"][1]["valid"]["ndcg@10"]
-    assert f"| run | sce | --hidden-dim 16 --batch-size 16 | {valid_2:.4f} | - |" in table.stdout
+    assert f"| run | sce | --hidden-dim 16 --batch-size 16 --drop-last | {valid_2:.4f} | - |" in table.stdout
 
 
 def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
@@ -441,6 +445,9 @@ def test_cli_temporal_table_and_bad_arguments(tmp_path, capsys):
     assert cli_main(["--data", str(tmp_path / "missing.txt")]) == 2
     assert cli_main(["--data", str(path), "--loss", "bce", "--num-negatives", "0"]) == 2
     assert "num_negatives" in capsys.readouterr().err
+    assert cli_main(["--data", str(path), "--loss", "ce", "--drop-last", "--batch-size", "1000", "--epochs", "1",
+                     "--no-progress", "--min-item-interactions", "2"]) == 2
+    assert "no full batch to train on" in capsys.readouterr().err
 
 
 def test_cli_reads_json_tables_through_datasets_and_names_bad_rows(tmp_path, capsys):

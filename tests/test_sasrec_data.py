@@ -196,6 +196,22 @@ def test_train_batches_are_right_aligned_windows():
     assert sum(len(x) for x, _ in batches) == 2
 
 
+def test_train_batches_drop_last_keeps_full_batches_of_a_fresh_order_each_epoch():
+    histories = [np.array([i, i + 1]) for i in range(1, 12)]  # 11 histories, batches of 4
+    kept = TrainBatches(histories, max_len=2, batch_size=4)
+    dropped = TrainBatches(histories, max_len=2, batch_size=4, drop_last=True)
+    assert (len(kept), [len(x) for x, _ in kept]) == (3, [4, 4, 3])
+    assert len(dropped) == 2
+    seen = []
+    for _ in range(3):
+        sizes, firsts = zip(*[(len(x), x[:, -1].tolist()) for x, _ in dropped], strict=True)
+        assert sizes == (4, 4)
+        seen.append(sorted(sum(firsts, [])))
+    assert len({tuple(s) for s in seen}) > 1  # a different 3 histories wait out each epoch
+    with pytest.raises(ValueError, match="drop_last with 11 training histories and batch_size 12"):
+        TrainBatches(histories, max_len=2, batch_size=12, drop_last=True)
+
+
 def _fake_archive(folder):
     archive = folder / "source.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -24,6 +24,7 @@ import torch
 from .data import (
     SCE_MIN_ITEM_INTERACTIONS,
     SCE_MIN_USER_INTERACTIONS,
+    TrainBatches,
     filter_min_interactions,
     leave_one_out,
     load_interactions_dataset,
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("training")
     run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--drop-last", action="store_true",
+                     help="drop each epoch's last incomplete batch (the SCE reference's loader does)")
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"), help="Adam betas")
     run.add_argument("--epochs", type=int, default=None, help="epoch limit")
@@ -220,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
             scale_embeddings=args.scale_embeddings, tie_output=args.tie_output))
         loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split))
         config = TrainConfig(
-            batch_size=args.batch_size, lr=args.lr, betas=tuple(args.betas), max_epochs=args.epochs,
+            batch_size=args.batch_size, drop_last=args.drop_last, lr=args.lr, betas=tuple(args.betas),
+            max_epochs=args.epochs,
             patience=args.patience,
             time_budget_s=args.time_budget, eval_every=args.eval_every, seed=args.seed, device=args.device,
             amp=not args.no_amp, progress=not args.no_progress, out_dir=args.out,
             measure_loss_memory=not args.no_loss_memory, resume=args.resume, chunk_epochs=args.chunk_epochs)
+        # The batch settings' own checks (e.g. --drop-last with fewer histories than a batch), before training.
+        TrainBatches(split.train, max_len=args.max_len, batch_size=args.batch_size, drop_last=args.drop_last)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -501,6 +501,9 @@ class TrainBatches:
         self.histories = [np.asarray(h, dtype=np.int64) for h in histories if len(h) >= 2]
         if not self.histories:
             raise ValueError("no training history has 2 or more items")
+        if drop_last and len(self.histories) < batch_size:  # every epoch would be empty
+            raise ValueError(f"drop_last with {len(self.histories)} training histories and batch_size {batch_size}: "
+                             "no full batch to train on")
         self.max_len, self.batch_size, self.drop_last = max_len, batch_size, drop_last
         self.rng = np.random.default_rng(seed)
 
