@@ -69,8 +69,8 @@ SIZES = {
     "out_hidden_size": 32, "text_hidden_size": 32, "mamba_n_heads": 4, "mamba_d_head": 16,
     # Widths and tables that the names above miss; unshrunk they made single cases of hundreds of millions of
     # parameters (Qwen2-VL's vision tower 658M, Kosmos-2's text width 425M, Gemma 4's per-layer table 134M).
-    "embed_dim": 32, "emb_dim": 32, "projection_dim": 32, "depth": 2, "vocab_size_per_layer_input": 211,
-    "encoder_hash_byte_group_vocab": 211, "zero_expert_num": 2, "moe_topk": 2, "expert_ffn_hidden_size": 16,
+    "embed_dim": 32, "emb_dim": 32, "projection_dim": 32, "depth": 2, "vocab_size_per_layer_input": SWEEP_VOCAB,
+    "encoder_hash_byte_group_vocab": SWEEP_VOCAB, "zero_expert_num": 2, "moe_topk": 2, "expert_ffn_hidden_size": 16,
     "latent_query_num": 8, "num_embeddings": 64, "hidden_size_global": 32,
 }
 # Fields of one kind: equal ones in a default config stay equal when shrunk, to the smallest (head sizes) or to

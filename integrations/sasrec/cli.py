@@ -224,11 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split))
         config = TrainConfig(
             batch_size=args.batch_size, drop_last=args.drop_last, lr=args.lr, betas=tuple(args.betas),
-            max_epochs=args.epochs,
-            patience=args.patience,
-            time_budget_s=args.time_budget, eval_every=args.eval_every, seed=args.seed, device=args.device,
-            amp=not args.no_amp, progress=not args.no_progress, out_dir=args.out,
-            measure_loss_memory=not args.no_loss_memory, resume=args.resume, chunk_epochs=args.chunk_epochs)
+            max_epochs=args.epochs, patience=args.patience, time_budget_s=args.time_budget,
+            eval_every=args.eval_every, seed=args.seed, device=args.device, amp=not args.no_amp,
+            progress=not args.no_progress, out_dir=args.out, measure_loss_memory=not args.no_loss_memory,
+            resume=args.resume, chunk_epochs=args.chunk_epochs)
         # The batch settings' own checks (e.g. --drop-last with fewer histories than a batch), before training.
         TrainBatches(split.train, max_len=args.max_len, batch_size=args.batch_size, drop_last=args.drop_last)
     except (ValueError, TypeError) as exc:
