@@ -269,3 +269,66 @@ def test_repro_curves_table_lines_runs_up_by_epoch_and_measures_the_seed_spread(
         "| spread of 2 seeds | ce | --preset sasrec+ | 33.3% (2) | - |"]
     with pytest.raises(SystemExit):
         main(["--at-epochs", "ten", "unused.json"])
+
+
+def test_sasrec_study_runner_continues_unfinished_runs_and_collects_each_call(tmp_path, monkeypatch, capsys):
+    """benchmarks/sasrec_study.py: a run stopped resumably (here by --chunk-epochs) is continued with --resume by
+    the next call of the runner and collected after each; a finished one is skipped; bad job files are named."""
+    import json
+    import random
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_study import load_jobs, main
+
+    rng = random.Random(0)
+    data = tmp_path / "rec"
+    data.mkdir()
+    (data / "toy.txt").write_text("".join(f"{u} {rng.randint(1, 30)}\n" for u in range(1, 41) for _ in range(8)))
+    jobs = tmp_path / "jobs.json"
+    args = ["--data", "$REC/toy.txt", "--loss", "ce", "--hidden-dim", "8", "--max-len", "8", "--batch-size", "16",
+            "--epochs", "2", "--chunk-epochs", "1", "--device", "cpu"]
+    jobs.write_text(json.dumps([{"name": "toy", "args": args, "min": 1}]))
+    common = [str(jobs), "--until", "2999-01-01 00:00", "--runs-dir", str(tmp_path / "runs"), "--results",
+              str(tmp_path / "results"), "--data-dir", str(data), "--reserve", "0"]
+    epochs_run = []
+    for _ in range(3):
+        assert main(common) == 0
+        epochs_run.append(json.loads((tmp_path / "results" / "toy.json").read_text())["rows"][0]["epochs_run"])
+    out = capsys.readouterr().out
+    assert epochs_run == [1, 2, 2] and "toy: started" in out and "toy: continued" in out
+    assert "toy: finished earlier, skipped" in out
+    assert main([*common[:1], "--until", "2000-01-01 00:00", *common[3:]]) == 0  # past deadline: nothing runs
+    jobs.write_text(json.dumps([{"name": "a", "args": ["--out", "x"]}]))
+    with pytest.raises(ValueError, match=r"job 'a' sets \['--out'\]"):
+        load_jobs(str(jobs))
+    jobs.write_text(json.dumps([{"name": "a", "args": []}, {"name": "a", "args": []}]))
+    with pytest.raises(ValueError, match=r"job names repeat: \['a'\]"):
+        load_jobs(str(jobs))
+    jobs.write_text(json.dumps([{"name": "a", "args": []}]))
+    with pytest.raises(ValueError, match=r"--only: no jobs named \['b'\]"):
+        load_jobs(str(jobs), ["b"])
+
+
+def test_sasrec_study_jobs_file_is_valid_and_names_every_committed_row(monkeypatch):
+    """Every row of the study has its job (name and flags) in benchmarks/sasrec_study_jobs.json."""
+    import glob
+    import json
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_study import load_jobs
+
+    jobs = {job["name"]: job for job in load_jobs(os.path.join(ROOT, "benchmarks", "sasrec_study_jobs.json"))}
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "results", "sasrec_repro_2026-12-01", "ml_*.json")):
+        name = os.path.basename(path)[:-len(".json")]
+        with open(path) as f:
+            row = json.load(f)["rows"][0]
+        argv, i = [], 0
+        while i < len(row["argv"]):  # the row's argv without what the runner sets, the data under $REC
+            a = row["argv"][i]
+            if a in ("--out", "--time-budget", "--threads", "--device"):
+                i += 2
+                continue
+            if a not in ("--resume", "--no-progress"):
+                argv.append("$REC/" + os.path.basename(a) if argv[-1:] == ["--data"] else a)
+            i += 1
+        assert name in jobs and argv == jobs[name]["args"], name
