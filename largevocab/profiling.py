@@ -77,3 +77,27 @@ class PeakMemory:
         else:
             peak = _peak_rss_bytes()
         self.extra_bytes = max(0, peak - self._base)
+
+
+def live_tensor_peak_bytes(fn, device: str | torch.device = "cpu") -> int:
+    """Peak bytes of tensors allocated and alive at once while ``fn()`` runs, above what was live before it.
+
+    On CUDA the caching allocator's peak (as :class:`PeakMemory`); on CPU the torch profiler's allocation and free
+    events of every tensor, summed in time order: independent of the allocator and of what ran before in the
+    process (the RSS peak is not: freed heap pages are reused), so it can be measured inside a training process.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        with PeakMemory(device) as peak:
+            fn()
+        return peak.extra_bytes
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+

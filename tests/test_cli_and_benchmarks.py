@@ -332,3 +332,25 @@ def test_sasrec_study_jobs_file_is_valid_and_names_every_committed_row(monkeypat
                 argv.append("$REC/" + os.path.basename(a) if argv[-1:] == ["--data"] else a)
             i += 1
         assert name in jobs and argv == jobs[name]["args"], name
+
+
+def test_sasrec_loss_memory_builds_each_job_from_its_flags(tmp_path, monkeypatch, capsys):
+    import json
+    import random
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_loss_memory import main
+
+    rng = random.Random(1)
+    (tmp_path / "toy.txt").write_text("".join(f"{u} {rng.randint(1, 300)}\n" for u in range(1, 41) for _ in range(9)))
+    jobs = tmp_path / "jobs.json"
+    common = ["--data", "$REC/toy.txt", "--hidden-dim", "8", "--max-len", "8", "--batch-size", "32"]
+    jobs.write_text(json.dumps([{"name": "full", "args": [*common, "--loss", "ce"]},
+                                {"name": "fused", "args": [*common, "--loss", "cce"]}]))
+    out = tmp_path / "memory.csv"
+    assert main([str(jobs), "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = read_csv(out)
+    assert [r["job"] for r in rows] == ["full", "fused"] and rows[0]["positions"] == rows[1]["positions"]
+    logits_mib = int(rows[0]["positions"]) * int(rows[0]["items"]) * 4 / 2**20
+    assert float(rows[0]["loss_peak_MiB"]) >= 2 * logits_mib > float(rows[1]["loss_peak_MiB"])
+    assert "| full | ce |" in capsys.readouterr().out

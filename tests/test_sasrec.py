@@ -505,3 +505,22 @@ def test_negative_scores_full_and_gathered_agree(shape):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     want_pos = (hidden * weight[targets]).sum(-1)
     torch.testing.assert_close(positive_and_negative_scores(hidden, weight, targets, negatives)[0], want_pos)
+
+
+def test_loss_memory_is_the_live_tensor_peak_independent_of_the_process_history():
+    """measure_loss_peak on CPU reads the profiler's allocation events: full CE holds at least the (N, V) logits
+    and their gradient, the fused loss far less, and the number repeats after large frees (the RSS peak, used
+    before, reused freed pages and read 0-200 MiB for the same step depending on what ran before)."""
+    from largevocab.integrations.sasrec.train import measure_loss_peak
+
+    num_items, batch, window = 2000, 16, 24
+    model = tiny_model(num_items, max_len=window).train()
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(1, num_items + 1, (batch, window), generator=gen)
+    logit_bytes = batch * window * num_items * 4
+    cpu = torch.device("cpu")
+    full = measure_loss_peak(model, build_loss("ce"), inputs, inputs, cpu, False)
+    fused = measure_loss_peak(model, build_loss("cce"), inputs, inputs, cpu, False)
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)  # a large allocation, freed, between measurements
+    assert full >= 2 * logit_bytes and fused < logit_bytes / 4, (full, fused, logit_bytes)
+    assert measure_loss_peak(model, build_loss("ce"), inputs, inputs, cpu, False) == full

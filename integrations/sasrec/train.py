@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from largevocab.profiling import PeakMemory, device_name
+from largevocab.profiling import device_name, live_tensor_peak_bytes
 
 from .data import Split, TrainBatches, right_align
 from .losses import SASRecLoss
@@ -47,7 +47,8 @@ class TrainConfig:
     device: "auto" (cuda if available), "cpu" or "cuda[:n]". amp: bf16 autocast of the forward and the loss on
     CUDA (ignored on CPU). out_dir: where ``best.pt`` and ``metrics.json`` go (None: best state kept in memory).
     measure_loss_memory: before training, run the loss forward and backward once on the first batch inside
-    :class:`largevocab.profiling.PeakMemory` (CUDA allocator peak, or process RSS peak on CPU).
+    :func:`largevocab.profiling.live_tensor_peak_bytes` (CUDA allocator peak; on CPU the peak of live tensor bytes
+    from the profiler's allocation events: the process's RSS peak understated it, reusing freed pages).
     resume: continue the run saved in ``out_dir`` (its ``last.pt``: model, optimizer, epoch, best, patience counter,
     history and every random generator's state) as if it had not stopped; a run that finished (patience, epoch
     limit) is refused. The time budget applies to this call; ``metrics.json`` lists the calls in ``chunks``.
@@ -162,12 +163,12 @@ def measure_loss_peak(model: SASRec, loss_fn: SASRecLoss, inputs: torch.Tensor, 
         weight = model.item_weight()
     hidden = hidden.detach().requires_grad_(True)
     weight = weight.detach().requires_grad_(True)
-    with PeakMemory(device) as peak:
+    def step():
         with _autocast(device, amp):
             loss = loss_fn(hidden, weight, targets)
         loss.backward()
-        del loss
-    return peak.extra_bytes
+
+    return live_tensor_peak_bytes(step, device)
 
 
 def train(model: SASRec, split: Split, loss_fn: SASRecLoss, config: TrainConfig | None = None,
