@@ -48,7 +48,8 @@ class TrainConfig:
     CUDA (ignored on CPU). out_dir: where ``best.pt`` and ``metrics.json`` go (None: best state kept in memory).
     measure_loss_memory: before training, run the loss forward and backward once on the first batch inside
     :func:`largevocab.profiling.live_tensor_peak_bytes` (CUDA allocator peak; on CPU the peak of live tensor bytes
-    from the profiler's allocation events: the process's RSS peak understated it, reusing freed pages).
+    from the profiler's allocation events; the process's RSS peak, used before, reused freed pages and so
+    depended on what ran before in the process).
     resume: continue the run saved in ``out_dir`` (its ``last.pt``: model, optimizer, epoch, best, patience counter,
     history and every random generator's state) as if it had not stopped; a run that finished (patience, epoch
     limit) is refused. The time budget applies to this call; ``metrics.json`` lists the calls in ``chunks``.
