@@ -14,6 +14,7 @@ import argparse
 import csv
 import os
 import sys
+from datetime import date
 
 import torch
 from sasrec_study import DEFAULT_REC, load_jobs
@@ -27,6 +28,7 @@ def measure(job: dict, rec_dir: str, device: str) -> dict:
     from largevocab.integrations.sasrec.losses import build_loss
     from largevocab.integrations.sasrec.model import SASRec, SASRecConfig
     from largevocab.integrations.sasrec.train import measure_loss_peak, set_seed
+    from largevocab.profiling import device_name
 
     args = build_parser().parse_args([a.replace("$REC", rec_dir) for a in job["args"]])
     apply_preset(args)
@@ -43,7 +45,8 @@ def measure(job: dict, rec_dir: str, device: str) -> dict:
     inputs, targets = batches.collate(batches.histories[:args.batch_size])
     peak = measure_loss_peak(model, loss_fn, inputs.to(device), targets.to(device), torch.device(device), False)
     return {"job": job["name"], "loss": args.loss, "items": split.num_items,
-            "positions": int((targets != 0).sum()), "loss_peak_MiB": round(peak / MIB, 2), "device": device}
+            "positions": int((targets != 0).sum()), "loss_peak_MiB": round(peak / MIB, 2),
+            "device": device_name(device), "date": date.today().isoformat()}
 
 
 def main(argv: list[str] | None = None) -> int:
