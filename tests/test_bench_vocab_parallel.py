@@ -76,7 +76,8 @@ def test_only_socket_and_rendezvous_failures_are_retried():
                  "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:799] connect [127.0.0.1]:13195: "
                  "Connection refused",
                  "torch.distributed.DistNetworkError: The server socket has failed to listen on any local network "
-                 "address. port: 29400, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use"]
+                 "address. port: 29400, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use",
+                 "traceback : Signal 6 (SIGABRT) received by PID 17271"]
     real = ["ValueError: vocabulary-parallel inputs differ between ranks", "AssertionError", "failed",
             "RuntimeError: shape '[256, 16]' is invalid for input of size 4096"]
     assert all(TRANSPORT_FAILURE.search(r) for r in transient)
