@@ -9,26 +9,15 @@ tensor), for 1 and for 4 chunks of the same size; the difference must stay well 
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from largevocab._common import CEOptions
 from largevocab.ops import torch_ce, torch_distill, torch_log_probs, torch_sampled, torch_sampled_shard, torch_sce
+from largevocab.profiling import live_tensor_peak_bytes as live_peak_bytes
 
 CHUNKS = 4
 # Per-chunk buffers are 1-64 MiB below; what grows with N (outputs, dH at D = 8) stays under 0.1 MiB, and what
 # does not (dW, the inputs) is the same for 1 and for 4 chunks.
 GROWTH_LIMIT = 0.25  # of one chunk's bytes; a second chunk's buffer live at once adds at least 0.5
-
-
-def live_peak_bytes(fn) -> int:
-    """Peak of live CPU tensor bytes allocated while ``fn()`` runs (allocations counted at their op's start)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def assert_one_chunk_live(run, chunk_bytes: int) -> None:
