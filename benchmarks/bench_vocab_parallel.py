@@ -168,7 +168,7 @@ def worker(args) -> dict | None:
         state_bytes = weight.nbytes + weight.grad.nbytes
     row = {"rank": rank, "rows": hi - lo, "ms": statistics.median(times), "peak_extra_bytes": memory.extra_bytes,
            "state_bytes": state_bytes, "payload_bytes": max(payload), "ring_bytes": max(ring),
-           "sent_bytes": max(sent), "loss": float(loss), "rss_bytes": _rss_bytes()}
+           "sent_bytes": max(sent), "loss": loss.item(), "rss_bytes": _rss_bytes()}
     rows = [None] * world
     dist.all_gather_object(rows, row)
     dist.barrier()  # no rank tears gloo down while another is still in a collective

@@ -23,10 +23,9 @@ MIB = 2**20
 
 
 def measure(job: dict, rec_dir: str, device: str) -> dict:
-    from largevocab.integrations.sasrec.cli import apply_preset, build_parser, load_split, loss_options
+    from largevocab.integrations.sasrec.cli import apply_preset, build_model, build_parser, load_split, loss_options
     from largevocab.integrations.sasrec.data import TrainBatches
     from largevocab.integrations.sasrec.losses import build_loss
-    from largevocab.integrations.sasrec.model import SASRec, SASRecConfig
     from largevocab.integrations.sasrec.train import measure_loss_peak, set_seed
     from largevocab.profiling import device_name
 
@@ -34,12 +33,7 @@ def measure(job: dict, rec_dir: str, device: str) -> dict:
     apply_preset(args)
     split = load_split(args)
     set_seed(args.seed)
-    model = SASRec(SASRecConfig(
-        num_items=split.num_items, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks, num_heads=args.num_heads,
-        max_len=args.max_len, dropout=args.dropout, residual_from_normed=not args.plain_residual,
-        mlet_inner_dim=args.mlet_inner_dim, init=args.init, positions=args.positions,
-        mask_padding_keys=args.mask_padding_keys, scale_embeddings=args.scale_embeddings,
-        tie_output=args.tie_output)).to(device).train()
+    model = build_model(args, split).to(device).train()
     loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split)).to(device)
     batches = TrainBatches(split.train, max_len=args.max_len, batch_size=args.batch_size, seed=args.seed)
     inputs, targets = batches.collate(batches.histories[:args.batch_size])

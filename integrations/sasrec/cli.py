@@ -200,6 +200,15 @@ def loss_options(args, split) -> dict:
     return options
 
 
+def build_model(args, split) -> SASRec:
+    """The model the parsed (preset-filled) flags describe, for ``split``'s catalogue."""
+    return SASRec(SASRecConfig(
+        num_items=split.num_items, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks, num_heads=args.num_heads,
+        max_len=args.max_len, dropout=args.dropout, residual_from_normed=not args.plain_residual,
+        mlet_inner_dim=args.mlet_inner_dim, init=args.init, positions=args.positions,
+        mask_padding_keys=args.mask_padding_keys, scale_embeddings=args.scale_embeddings, tie_output=args.tie_output))
+
+
 def apply_preset(args) -> None:
     """Fill every preset-controlled flag the user left unset from ``args.preset``."""
     for name, value in PRESETS[args.preset].items():
@@ -215,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         split = load_split(args)
         set_seed(args.seed)
-        model = SASRec(SASRecConfig(
-            num_items=split.num_items, hidden_dim=args.hidden_dim, num_blocks=args.num_blocks,
-            num_heads=args.num_heads, max_len=args.max_len, dropout=args.dropout,
-            residual_from_normed=not args.plain_residual, mlet_inner_dim=args.mlet_inner_dim, init=args.init,
-            positions=args.positions, mask_padding_keys=args.mask_padding_keys,
-            scale_embeddings=args.scale_embeddings, tie_output=args.tie_output))
+        model = build_model(args, split)
         loss_fn = build_loss(args.loss, seed=args.seed, **loss_options(args, split))
         config = TrainConfig(
             batch_size=args.batch_size, drop_last=args.drop_last, lr=args.lr, betas=tuple(args.betas),
