@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_session.sh ce          # on the GPU: exact fused CE against full CE and the peers
 #   bash benchmarks/gpu_session.sh catalogue   # on the GPU: SCE / fused / sampled at V = 1M and 10M
 #   bash benchmarks/gpu_session.sh sampled     # on the GPU: sampled CE, N = 32k, K = 512...4096, V = 1M
+#   bash benchmarks/gpu_session.sh sasrec      # on the GPU: tests/test_gpu.py, then the SASRec study's ML-1M
+#                                              # ce / sce / gbce jobs at window 200 in bf16 autocast, each
+#                                              # budget-capped, about 8 minutes with the tests (carry .data: fetch
+#                                              # copies ml-1m.txt there)
 #
 # Results (CSV, logs) go to $OUT when it is set (the device tool brings that folder back), else to
 # benchmarks/results/tmp. Copy what you keep to benchmarks/results/ under a name with the device and the date.
@@ -14,16 +18,19 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_session.sh fetch|tests|ce|catalogue|sampled}
+STAGE=${1:?usage: gpu_session.sh fetch|tests|ce|catalogue|sampled|sasrec}
 case "$STAGE" in
-fetch|tests|ce|catalogue|sampled) ;;
-*) echo "unknown stage $STAGE (fetch|tests|ce|catalogue|sampled)" >&2; exit 2 ;;
+fetch|tests|ce|catalogue|sampled|sasrec) ;;
+*) echo "unknown stage $STAGE (fetch|tests|ce|catalogue|sampled|sasrec)" >&2; exit 2 ;;
 esac
 RESULTS=${OUT:-benchmarks/results/tmp}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 # Peers measured by bench_ce.py: Apple's cut-cross-entropy and Liger-Kernel (pure-Python wheels).
 PEER_WHEELS=("cut-cross-entropy==25.1.1" "liger-kernel==0.8.5")
+# The SASRec stage's data: ../shared/data does not travel to the device machine, so fetch copies it into .data/.
+REC=${REC:-.data/rec}
+SASREC_JOBS=${SASREC_JOBS:-ml_ce_s0,ml_sce_s0,ml_sce_by1024_s0,ml_gbce_s0}
 
 setup_device() {
     # The device image has torch, triton, transformers and accelerate but no internet: carried wheels (.whl/,
@@ -43,6 +50,8 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     CE_N=256; CE_V=4096; CE_D=64; CE_PROVIDERS=torch_eager,lv_torch
     CAT_N=256; CAT_V=8192; CAT_D=32
     SMP_N=256; SMP_KS="64"; SMP_V=8192; SMP_D=32
+    # Each job's own flags, cut to one epoch of 64 users at a short window.
+    SASREC_MINUTES=6; SASREC_CAP=120; SASREC_EXTRA="--max-users 64 --max-len 16 --epochs 1"
 else
     DEVICE=cuda; DTYPE=bfloat16
     # The Gemma-2-2B head of issue 2: 8k tokens, 256k vocabulary, d = 2304.
@@ -51,6 +60,8 @@ else
     # Issue 3's shapes: N = 64k rows at V = 1M and 10M items, D = 64 and 256; sampled at N = 32k, V = 1M.
     CAT_N=65536; CAT_V=1000000,10000000; CAT_D=64,256
     SMP_N=32768; SMP_KS="512 1024 2048 4096"; SMP_V=1000000; SMP_D=256
+    # Each job gets at most 90 s (gbce at gSASRec's settings needs far more: its row says the epoch reached).
+    SASREC_MINUTES=6; SASREC_CAP=90; SASREC_EXTRA=""
 fi
 
 # Every stage but fetch runs on the device machine (SMOKE=1: here, with this machine's environment as it is).
@@ -63,7 +74,9 @@ fetch)
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${PEER_WHEELS[@]}"
     ls -l .whl
-    echo "carry .whl in every device call of the ce stage"
+    grep -qx '/.data/' .git/info/exclude || echo '/.data/' >> .git/info/exclude
+    mkdir -p .data/rec && cp ../shared/data/rec/ml-1m.txt .data/rec/
+    echo "carry .whl in every device call of the ce stage, .data in the sasrec stage's"
     ;;
 tests)
     "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$RESULTS/pytest_gpu.log"
@@ -83,5 +96,14 @@ sampled)
         "$PY" benchmarks/bench_sampled.py --device "$DEVICE" --dtype float32 --n "$SMP_N" --k "$k" --v "$SMP_V" \
             --d "$SMP_D" --out "$RESULTS/sampled.csv" 2>&1 | tee -a "$RESULTS/sampled.log"
     done
+    ;;
+sasrec)
+    [[ -f $REC/ml-1m.txt ]] || { echo "no $REC/ml-1m.txt: run the fetch stage here and carry .data" >&2; exit 2; }
+    [[ ${SMOKE:-0} == 1 ]] || "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$RESULTS/pytest_gpu.log"
+    # One row per job in $RESULTS/sasrec/ (checkpoints stay on the machine: too many files to bring back).
+    "$PY" benchmarks/sasrec_study.py benchmarks/sasrec_study_jobs.json --only "$SASREC_JOBS" \
+        --until "$(date -d "+$SASREC_MINUTES min" '+%Y-%m-%d %H:%M')" --cap "$SASREC_CAP" --min-budget 20 \
+        --reserve 20 --threads 4 --extra="$SASREC_EXTRA" --data-dir "$REC" --runs-dir /tmp/largevocab_sasrec_runs \
+        --results "$RESULTS/sasrec" 2>&1 | tee "$RESULTS/sasrec.log"
     ;;
 esac

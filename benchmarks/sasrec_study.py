@@ -10,7 +10,9 @@ in seconds (default 9,000), and a job whose budget would be under ``min`` second
 call gets ``--time-budget min(cap, seconds left - --reserve)``, so it stops resumably before the deadline; a job
 whose run directory holds an unfinished ``last.pt`` continues with ``--resume`` (same flags: the same run), and a
 finished one is skipped. Every call that exits 0 is collected with ``collect_sasrec.py`` into
-``RESULTS/<name>.json`` (a budget stop too: its row says the epoch reached).
+``RESULTS/<name>.json`` (a budget stop too: its row says the epoch reached). ``--cap``/``--min-budget`` override
+every job's ``cap``/``min`` (short GPU sessions), ``--extra`` appends flags to every job (a plumbing check at toy
+sizes: ``--extra "--max-users 64 --epochs 1"``; the CLI takes the last value of a repeated flag).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -59,8 +62,9 @@ def run_state(run_dir: str) -> str:
     return "finished" if torch.load(path, map_location="cpu", weights_only=True)["finished"] else "unfinished"
 
 
-def command(job: dict, rec_dir: str, run_dir: str, budget_s: int, resume: bool, threads: int) -> list[str]:
-    args = [a.replace("$REC", rec_dir) for a in job["args"]]
+def command(job: dict, rec_dir: str, run_dir: str, budget_s: int, resume: bool, threads: int,
+            extra: list[str] = ()) -> list[str]:
+    args = [a.replace("$REC", rec_dir) for a in job["args"]] + list(extra)
     return [sys.executable, "-m", "largevocab", "sasrec", *args, "--time-budget", str(budget_s), "--threads",
             str(threads), "--no-progress", "--out", run_dir, *(["--resume"] if resume else [])]
 
@@ -75,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=DEFAULT_REC, help="what $REC stands for in the jobs' args")
     parser.add_argument("--reserve", type=int, default=DEFAULT_RESERVE_S, help="seconds kept after each budget")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--cap", type=int, default=None, help="seconds: every job's cap (one call's budget)")
+    parser.add_argument("--min-budget", type=int, default=None, help="seconds: every job's min")
+    parser.add_argument("--extra", default="", help="flags appended to every job's args")
     args = parser.parse_args(argv)
+    extra = shlex.split(args.extra)
+    if any(a in RESERVED_FLAGS for a in extra):
+        parser.error(f"--extra must not set {RESERVED_FLAGS}; the runner sets them")
     try:
         deadline = time.mktime(time.strptime(args.until, "%Y-%m-%d %H:%M"))
         jobs = load_jobs(args.jobs, args.only.split(",") if args.only else None)
@@ -90,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if state == "finished":
             print(f"{name}: finished earlier, skipped", flush=True)
             continue
-        budget = int(min(job.get("cap", DEFAULT_CAP_S), deadline - time.time() - args.reserve))
-        if budget < job.get("min", DEFAULT_MIN_S):
+        cap = args.cap if args.cap is not None else job.get("cap", DEFAULT_CAP_S)
+        budget = int(min(cap, deadline - time.time() - args.reserve))
+        if budget < (args.min_budget if args.min_budget is not None else job.get("min", DEFAULT_MIN_S)):
             print(f"{name}: {max(budget, 0)} s left before the deadline, skipped", flush=True)
             continue
         os.makedirs(run_dir, exist_ok=True)
-        cmd = command(job, args.data_dir, run_dir, budget, state == "unfinished", args.threads)
+        cmd = command(job, args.data_dir, run_dir, budget, state == "unfinished", args.threads, extra)
         print(f"{time.strftime('%H:%M:%S')} {name}: {'continued' if state == 'unfinished' else 'started'}, "
               f"budget {budget} s", flush=True)
         with open(os.path.join(run_dir, "stdout.txt"), "a") as out, open(os.path.join(run_dir, "stderr.txt"),

@@ -176,8 +176,31 @@ def test_gpu_session_script_plumbing_at_toy_sizes(tmp_path):
     assert {r["provider"] for r in read_csv(tmp_path / "ce.csv")} == {"torch_eager", "lv_torch"}
     bad = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+    no_data = subprocess.run(["bash", script, "sasrec"], capture_output=True, text=True, cwd=ROOT,
+                             env={**env, "REC": str(tmp_path / "none")})
+    assert no_data.returncode == 2 and "run the fetch stage" in no_data.stderr
 
 
+def test_gpu_session_sasrec_stage_at_toy_sizes(tmp_path):
+    """The sasrec stage runs a study job through the runner and brings back its row (SMOKE=1: one epoch of 64
+    ML-1M users at window 16 instead of the job's own settings; one job instead of four)."""
+    import json
+
+    rec = os.path.join(ROOT, "..", "shared", "data", "rec")
+    if not os.path.isfile(os.path.join(rec, "ml-1m.txt")):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have the shared data: {rec}/ml-1m.txt is missing")
+        pytest.skip(f"shared data not found at {rec}")
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable, REC=rec, SASREC_JOBS="ml_gbce_s0")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), "sasrec"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = json.loads((tmp_path / "sasrec" / "ml_gbce_s0.json").read_text())["rows"][0]
+    assert row["epochs_run"] == 1 and row["train_config"]["time_budget_s"] <= 120
+    assert row["model_config"]["max_len"] == 16 and row["argv"][row["argv"].index("--preset") + 1] == "gsasrec"
+
+
+@pytest.mark.xdist_group("accelerate_launch")
 def test_sasrec_benchmark_runs_single_and_under_accelerate_with_two_processes(tmp_path):
     out_csv = tmp_path / "sasrec.csv"
     common = ["--catalogues", "1500", "--batch-size", "8", "--max-len", "16", "--dim", "16", "--steps", "2"]
@@ -310,6 +333,36 @@ def test_sasrec_study_runner_continues_unfinished_runs_and_collects_each_call(tm
     jobs.write_text(json.dumps([{"name": "a", "args": []}]))
     with pytest.raises(ValueError, match=r"--only: no jobs named \['b'\]"):
         load_jobs(str(jobs), ["b"])
+
+
+def test_sasrec_study_runner_overrides_for_short_sessions(tmp_path, monkeypatch, capsys):
+    """--cap and --min-budget replace every job's cap/min, --extra appends flags (the last value wins), and --extra
+    may not set what the runner sets."""
+    import json
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from sasrec_study import main
+
+    data = tmp_path / "rec"
+    data.mkdir()
+    (data / "toy.txt").write_text("".join(f"{u} {1 + (u * 7 + k) % 25}\n" for u in range(1, 31) for k in range(8)))
+    jobs = tmp_path / "jobs.json"
+    args = ["--data", "$REC/toy.txt", "--loss", "ce", "--hidden-dim", "8", "--max-len", "8", "--epochs", "3",
+            "--device", "cpu"]
+    jobs.write_text(json.dumps([{"name": "toy", "args": args, "min": 100_000}]))
+    common = [str(jobs), "--until", "2999-01-01 00:00", "--runs-dir", str(tmp_path / "runs"), "--results",
+              str(tmp_path / "results"), "--data-dir", str(data)]
+    assert main(common) == 0 and "toy: 9000 s left before the deadline, skipped" in capsys.readouterr().out
+    assert not (tmp_path / "results" / "toy.json").exists()  # the job's min (100,000 s) was not met
+    assert main([*common, "--min-budget", "1", "--cap", "77", "--extra", "--epochs 1 --batch-size 8"]) == 0
+    assert "toy: started, budget 77 s" in capsys.readouterr().out
+    row = json.loads((tmp_path / "results" / "toy.json").read_text())["rows"][0]
+    config = row["train_config"]
+    assert row["epochs_run"] == 1 and config["max_epochs"] == 1 and config["batch_size"] == 8
+    assert config["time_budget_s"] == 77
+    with pytest.raises(SystemExit):
+        main([*common, "--extra", "--out elsewhere"])
+    assert "--extra must not set" in capsys.readouterr().err
 
 
 def test_sasrec_study_jobs_file_is_valid_and_names_every_committed_row(monkeypatch):
