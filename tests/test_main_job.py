@@ -37,6 +37,7 @@ def test_main_job_runs_every_loss_on_the_embedded_default(tmp_path):
     assert (out / "lm_benchmark.png").stat().st_size > 0
 
 
+@pytest.mark.xdist_group("accelerate_launch")
 def test_main_job_under_accelerate_with_two_cpu_processes(tmp_path):
     pytest.importorskip("accelerate")
     _, rows, _ = run_job(tmp_path, "--losses", "ce,cce", "--processes", "2")

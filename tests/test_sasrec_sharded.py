@@ -251,6 +251,7 @@ def _write_sasrec_txt(path, users=40, items=50, seed=0):
                 f.write(f"{user} {item}\n")
 
 
+@pytest.mark.xdist_group("accelerate_launch")
 def test_cli_shard_items_under_accelerate_launch(tmp_path):
     """`accelerate launch --num_processes 2 -m largevocab sasrec ... --shard-items`: both checkpoints are written
     and the one-table file loads into a single-process model."""
