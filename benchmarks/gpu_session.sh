@@ -100,10 +100,13 @@ sampled)
 sasrec)
     [[ -f $REC/ml-1m.txt ]] || { echo "no $REC/ml-1m.txt: run the fetch stage here and carry .data" >&2; exit 2; }
     [[ ${SMOKE:-0} == 1 ]] || "$PY" -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$RESULTS/pytest_gpu.log"
-    # One row per job in $RESULTS/sasrec/ (checkpoints stay on the machine: too many files to bring back).
+    # One row per job in $RESULTS/sasrec/. Checkpoints stay on the machine (too many files to bring back), in a
+    # fresh folder: the runner would skip a job whose folder holds a finished run.
+    RUNS=$(mktemp -d /tmp/largevocab_sasrec_runs.XXXXXX)
+    trap 'rm -rf "$RUNS"' EXIT
     "$PY" benchmarks/sasrec_study.py benchmarks/sasrec_study_jobs.json --only "$SASREC_JOBS" \
         --until "$(date -d "+$SASREC_MINUTES min" '+%Y-%m-%d %H:%M')" --cap "$SASREC_CAP" --min-budget 20 \
-        --reserve 20 --threads 4 --extra="$SASREC_EXTRA" --data-dir "$REC" --runs-dir /tmp/largevocab_sasrec_runs \
+        --reserve 20 --threads 4 --extra="$SASREC_EXTRA" --data-dir "$REC" --runs-dir "$RUNS" \
         --results "$RESULTS/sasrec" 2>&1 | tee "$RESULTS/sasrec.log"
     ;;
 esac
